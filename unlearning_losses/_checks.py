@@ -1,0 +1,165 @@
+"""Argument validation: one helper per kind of check, each raising before any heavy work.
+
+Every message names the argument, what was expected and what arrived (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
+def check_logits(logits: object, name: str = "logits") -> Tensor:
+    """Logits are a floating tensor of shape (B, T, V) or (N, V) with V >= 1."""
+    logits = check_tensor(logits, name)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(
+            f"{name} must have shape (B, T, V) or (N, V); got {logits.dim()} dimensions "
+            f"{_shape(logits)}"
+        )
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary size of at least 1; got {_shape(logits)}")
+    return logits
+
+
+def check_labels(labels: object, logits: Tensor, name: str = "labels") -> Tensor:
+    """Labels are an integer tensor shaped like logits without the vocabulary axis."""
+    labels = check_tensor(labels, name)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor; got {labels.dtype}")
+    expected = _shape(logits)[:-1]
+    if _shape(labels) != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} to match logits {_shape(logits)}; "
+            f"got {_shape(labels)}"
+        )
+    check_same_device(labels, logits, name)
+    return labels
+
+
+def check_label_range(
+    labels: Tensor, vocab_size: int, ignore_index: int, validate: bool, name: str = "labels"
+) -> None:
+    """Labels outside [0, V) other than ignore_index are refused on CPU, and on CUDA when asked.
+
+    On CUDA the check would synchronise with the host, so it runs only with ``validate=True``.
+    """
+    if labels.device.type != "cpu" and not validate:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"got {int(bad.sum())} value(s) outside, e.g. {first}"
+        )
+
+
+def check_same_device(
+    tensor: Tensor, reference: Tensor, name: str, ref_name: str = "logits"
+) -> None:
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"{name} must be on the same device as {ref_name} ({reference.device}); "
+            f"got {tensor.device}"
+        )
+
+
+def check_like(tensor: object, reference: Tensor, name: str, ref_name: str = "logits") -> Tensor:
+    """``tensor`` must match ``reference`` in shape, dtype and device."""
+    tensor = check_tensor(tensor, name)
+    if _shape(tensor) != _shape(reference):
+        raise ValueError(
+            f"{name} must have shape {_shape(reference)} to match {ref_name}; got {_shape(tensor)}"
+        )
+    if tensor.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} must have dtype {reference.dtype} to match {ref_name}; got {tensor.dtype}"
+        )
+    check_same_device(tensor, reference, name, ref_name)
+    return tensor
+
+
+def check_token_values(
+    values: object, shape: tuple[int, ...], reference: Tensor, name: str
+) -> Tensor:
+    """Per-token float values (e.g. reference log-probs) of a given shape on the logits' device."""
+    values = check_tensor(values, name)
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {values.dtype}")
+    if _shape(values) != shape:
+        raise ValueError(
+            f"{name} must have shape {shape} (one value per shifted label of logits "
+            f"{_shape(reference)}); got {_shape(values)}"
+        )
+    check_same_device(values, reference, name)
+    return values
+
+
+def check_choice(value: object, choices: Sequence[str], name: str) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_finite_number(value: object, name: str, *, positive: bool = False) -> float:
+    """A finite real Python number (or a 0-d tensor on the CPU), optionally > 0."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a scalar; got a tensor of shape {_shape(value)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite; got {number}")
+    if positive and number <= 0:
+        raise ValueError(f"{name} must be > 0; got {number}")
+    return number
+
+
+def check_num_items(num_items_in_batch: object, reference: Tensor) -> int | Tensor | None:
+    """``num_items_in_batch`` as Hugging Face Trainer passes it: None, an int >= 0 or a 0-d tensor."""
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.dim() != 0:
+            raise ValueError(
+                "num_items_in_batch must be an int or a 0-d tensor; got a tensor of shape "
+                f"{_shape(num_items_in_batch)}"
+            )
+        if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
+            raise TypeError(f"num_items_in_batch must be numeric; got {num_items_in_batch.dtype}")
+        return num_items_in_batch.to(reference.device)
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
+        raise TypeError(
+            f"num_items_in_batch must be an int or a 0-d tensor; got {type(num_items_in_batch).__name__}"
+        )
+    if num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0; got {num_items_in_batch}")
+    return num_items_in_batch
+
+
+def check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    return value

@@ -1,0 +1,39 @@
+"""The full unlearning objective from a forget term and a retain term."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import _checks
+
+
+def combine_with_retain(
+    forget_loss: Tensor,
+    retain_loss: Tensor,
+    *,
+    forget_weight: float = 1.0,
+    retain_weight: float = 1.0,
+) -> Tensor:
+    r"""The unlearning objective, to minimize.
+
+    .. math:: \mathcal{L} = w_f\,\mathcal{L}_{forget} + w_r\,\mathcal{L}_{retain}
+
+    Every forget loss of this library is already a value to minimize (e.g. :func:`ga_loss` is the
+    negative NLL), so the weights are plain non-negative trade-offs: SOUL's GA+FT is
+    ``combine_with_retain(ga_loss(...), nll_loss(...), retain_weight=gamma)``.
+
+    Args:
+        forget_loss: a tensor, usually a scalar from a forget loss.
+        retain_loss: a tensor broadcastable with it, usually :func:`nll_loss` or
+            :func:`kl_divergence` on the retain set.
+        forget_weight, retain_weight: finite real numbers.
+
+    Returns:
+        ``forget_weight * forget_loss + retain_weight * retain_loss``.
+    """
+    forget_loss = _checks.check_tensor(forget_loss, "forget_loss")
+    retain_loss = _checks.check_tensor(retain_loss, "retain_loss")
+    forget_weight = _checks.check_finite_number(forget_weight, "forget_weight")
+    retain_weight = _checks.check_finite_number(retain_weight, "retain_weight")
+    _checks.check_same_device(retain_loss, forget_loss, "retain_loss", "forget_loss")
+    return forget_weight * forget_loss + retain_weight * retain_loss

@@ -1,0 +1,117 @@
+"""KL divergence to a reference model: a retain regularizer, or (negated) a forget term."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from .. import _checks, _tokens, ops
+from ..reductions import REDUCTIONS, Reduction, token_reduce
+
+Direction = Literal["forward", "reverse"]
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
+
+
+def kl_divergence(
+    logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    direction: Direction = "forward",
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+) -> Tensor:
+    r"""Mean per-token KL divergence between the model's and a reference's next-token distributions.
+
+    .. math::
+        \mathrm{KL}_t = \sum_v p_\theta(v)\,\big(\log p_\theta(v) - \log p_{ref}(v)\big)
+        \quad \text{(forward)}, \qquad
+        \mathrm{KL}_t = \sum_v p_{ref}(v)\,\big(\log p_{ref}(v) - \log p_\theta(v)\big)
+        \quad \text{(reverse)}
+
+    and the loss is :math:`\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t`, to minimize (a retain
+    regularizer; open-unlearning's retain KL is the reverse direction). Entries where the first
+    distribution is 0 contribute 0. Gradients w.r.t. the logits:
+    :math:`p_j(\log p_j - \log q_j - \mathrm{KL}_t)` (forward) and :math:`p_j - q_j` (reverse).
+    ``ref_logits`` is a constant: no gradient flows into it.
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)``, the model being trained.
+        ref_logits: the frozen reference, same shape, dtype and device.
+        labels: selects positions as in :func:`ga_loss` (with the shift); ``None`` counts every
+            position of the logits (shift then does not apply).
+        direction: ``"forward"`` (KL(P_theta || P_ref), the SOUL paper's) or ``"reverse"``.
+        ignore_index, shift, num_items_in_batch, backend, validate: as :func:`ga_loss`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per token).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or per-token values.
+    """
+    if labels is None:
+        logits = _checks.check_logits(logits)
+        _checks.check_choice(backend, ops.BACKENDS, "backend")
+        tokens = _tokens.align_all_positions(logits)
+    else:
+        tokens = _tokens.align(
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            shift=shift,
+            backend=backend,
+            validate=validate,
+        )
+    ref_logits = _checks.check_like(ref_logits, logits, "ref_logits")
+    _checks.check_choice(direction, DIRECTIONS, "direction")
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    num_items = _checks.check_num_items(num_items_in_batch, tokens.logits)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(
+            f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
+        )
+    per_token = ops.token_kl(
+        tokens.logits,
+        tokens.batched(ref_logits),
+        tokens.valid,
+        forward_kl=direction == "forward",
+        backend=backend,
+    )
+    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+
+
+def kl_loss(
+    logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    direction: Direction = "forward",
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+) -> Tensor:
+    r"""KL forget loss: the negative of :func:`kl_divergence`, to minimize.
+
+    .. math:: \mathcal{L}_{KL} = -\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t
+
+    Minimizing it drives the model's predictions on the forget set away from the reference
+    (the KL baseline of the SOUL paper, forward direction). Arguments as :func:`kl_divergence`.
+    """
+    return -kl_divergence(
+        logits,
+        ref_logits,
+        labels,
+        direction=direction,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        validate=validate,
+    )

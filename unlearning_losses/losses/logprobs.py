@@ -1,0 +1,53 @@
+"""Per-token log-probabilities of the labels: the primitive under GA, NLL, NPO and SimNPO."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import _tokens, ops
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+) -> Tensor:
+    r"""Log-probability of each label under the softmax of the logits.
+
+    .. math:: \ell_t = z_{t, y_t} - \log \sum_v e^{z_{t, v}}
+
+    Computed in float32 (float64 for float64 logits) without a float32 copy of the logits. This is
+    also how to cache a frozen reference model's log-probs once: ``B x T`` floats, not the logits.
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)``, any float dtype.
+        labels: ``(B, T)`` or ``(N,)`` integer; ``ignore_index`` marks positions that do not count.
+        ignore_index: the label value of ignored positions.
+        shift: for 3-D input, ``logits[:, t]`` scores ``labels[:, t + 1]`` (Hugging Face causal LM).
+        backend: ``"auto"``, ``"torch"`` (chunked PyTorch) or ``"triton"``.
+        validate: check the label range on CUDA too (a host sync); on CPU it is always checked.
+
+    Returns:
+        float32 (float64) ``(B, T - 1)`` under the shift, else ``(B, T)`` or ``(N,)``; 0 at ignored
+        positions. Differentiable with respect to ``logits``.
+
+    Raises:
+        TypeError, ValueError: bad dtypes, shapes, devices, options or label values.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.randn(2, 5, 11)
+        >>> labels = torch.randint(0, 11, (2, 5))
+        >>> token_logprobs(logits, labels).shape
+        torch.Size([2, 4])
+    """
+    tokens = _tokens.align(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+    )
+    return tokens.unflatten(
+        ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    )

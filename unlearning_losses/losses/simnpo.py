@@ -1,0 +1,54 @@
+"""SimNPO: NPO without a reference model, on the length-normalised NLL."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _checks, _tokens, ops
+from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
+
+
+def simnpo_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    beta: float = 4.5,
+    delta: float = 0.0,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+) -> Tensor:
+    r"""SimNPO forget loss (Fan et al., 2024, "Simplicity Prevails"), to minimize.
+
+    With :math:`\bar L_i = -\frac{1}{|M_i|} \sum_{t \in M_i} \ell_t` the mean NLL of sequence *i*,
+
+    .. math:: \mathcal{L}_{SimNPO} = -\frac{2}{\beta} \log \sigma\big(\beta (\bar L_i - \delta)\big)
+
+    averaged over sequences with at least one valid token (the paper's :math:`\gamma` is
+    :math:`\beta\delta`). Its gradient pushes :math:`\bar L_i` up with weight
+    :math:`2\sigma(-\beta(\bar L_i - \delta))`, which fades once a sequence is forgotten.
+
+    Args:
+        logits, labels, ignore_index, shift, backend, validate: as :func:`ga_loss`.
+        beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).
+        delta: margin on the mean NLL, finite.
+        reduction: ``"mean"`` over sequences, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty ones).
+            2-D input is one sequence.
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or per-sequence values.
+    """
+    tokens = _tokens.align(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+    )
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    delta = _checks.check_finite_number(delta, "delta")
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    logprobs = ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    sums, counts = sequence_sums(logprobs, tokens.valid)
+    mean_nll = -sums / counts.clamp(min=1)
+    per_sequence = F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)
+    return sequence_reduce(per_sequence, counts > 0, reduction)
