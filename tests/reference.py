@@ -1,0 +1,124 @@
+"""Independent float64 reference math, written from the formulas; imports nothing from the package.
+
+Everything here runs in float64 torch so that autograd gives the reference gradients too. Inputs
+of any dtype are first converted to float64 (low-precision inputs are compared on their rounded
+values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def align(logits: Tensor, labels: Tensor, shift: bool, ignore_index: int = -100):
+    """(rows (N', V) float64 view of the scored logits, targets (N',), valid (N',), batch shape)."""
+    if logits.dim() == 3 and shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    shape = labels.shape
+    x = logits.reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    return x, y, y != ignore_index, shape
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    x = x.double()
+    m = x.max(-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return x - m - torch.log(torch.exp(x - m).sum(-1, keepdim=True))
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, shift: bool = True, ignore_index: int = -100):
+    x, y, valid, shape = align(logits, labels, shift, ignore_index)
+    logp = log_softmax(x)
+    picked = logp.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
+    return torch.where(valid, picked, torch.zeros_like(picked)).reshape(shape)
+
+
+def valid_mask(labels: Tensor, logits: Tensor, shift: bool = True, ignore_index: int = -100):
+    return align(logits, labels, shift, ignore_index)[2].reshape(align(logits, labels, shift)[3])
+
+
+def token_mean(values: Tensor, valid: Tensor) -> Tensor:
+    n = int(valid.sum())
+    return values[valid].sum() / n if n else values.sum() * 0
+
+
+def ga(logits, labels, shift=True):
+    return token_mean(token_logprobs(logits, labels, shift), valid_mask(labels, logits, shift))
+
+
+def nll(logits, labels, shift=True):
+    return -ga(logits, labels, shift)
+
+
+def token_kl(logits: Tensor, ref_logits: Tensor, direction: str) -> Tensor:
+    """Per-row KL over the last axis; entries of zero weight contribute zero."""
+    logp, logq = log_softmax(logits), log_softmax(ref_logits)
+    a, b = (logp, logq) if direction == "forward" else (logq, logp)
+    w = a.exp()
+    # Zero-weight entries contribute 0; the masked operands keep autograd free of inf - inf.
+    a, b = (torch.where(w > 0, t, torch.zeros_like(t)) for t in (a, b))
+    terms = w * (a - b)
+    return terms.sum(-1)
+
+
+def kl_divergence(logits, ref_logits, labels=None, direction="forward", shift=True):
+    if labels is None:
+        return token_kl(logits, ref_logits, direction).mean()
+    x, _, valid, _ = align(logits, labels, shift)
+    xr = align(ref_logits, labels, shift)[0]
+    return token_mean(token_kl(x, xr, direction), valid)
+
+
+def _sequences(logits, labels, shift):
+    lp = token_logprobs(logits, labels, shift)
+    valid = valid_mask(labels, logits, shift)
+    if lp.dim() == 1:
+        lp, valid = lp[None], valid[None]
+    return lp, valid
+
+
+def npo(logits, labels, ref_logprobs, beta, granularity, shift=True):
+    lp, valid = _sequences(logits, labels, shift)
+    ref = ref_logprobs.double().reshape(lp.shape)
+    ratio = torch.where(valid, lp - ref, torch.zeros_like(lp))
+
+    def f(d):
+        return 2.0 / beta * softplus(beta * d)
+
+    if granularity == "token":
+        return token_mean(f(ratio), valid)
+    if granularity == "batch":
+        n = int(valid.sum())
+        return f(ratio.sum() / n) if n else ratio.sum() * 0
+    losses = []
+    for i in range(lp.shape[0]):
+        n = int(valid[i].sum())
+        if n == 0:
+            continue
+        d = ratio[i].sum() if granularity == "sequence" else ratio[i].sum() / n
+        losses.append(f(d))
+    return torch.stack(losses).mean() if losses else ratio.sum() * 0
+
+
+def softplus(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x + torch.log1p(torch.exp(-x.abs())), torch.log1p(torch.exp(x)))
+
+
+def simnpo(logits, labels, beta, delta, shift=True):
+    lp, valid = _sequences(logits, labels, shift)
+    losses = []
+    for i in range(lp.shape[0]):
+        n = int(valid[i].sum())
+        if n == 0:
+            continue
+        mean_nll = -lp[i][valid[i]].sum() / n
+        # -log sigmoid(x) = softplus(-x)
+        losses.append(2.0 / beta * softplus(-beta * (mean_nll - delta)))
+    return torch.stack(losses).mean() if losses else lp.sum() * 0
+
+
+LOG2 = math.log(2.0)

@@ -1,0 +1,196 @@
+"""The compat functions against transcriptions of the published trainers' semantics.
+
+Each transcription below restates, in plain float32 PyTorch, what the trainer code computes from
+its model outputs (SEED.md for SOUL; SPEC §4 for open-unlearning).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unlearning_losses.compat import open_unlearning, soul
+
+RTOL = 1e-6
+
+
+def hf_causal_lm_loss(logits, labels):
+    """What ``model(..., labels=labels).loss`` returns: shifted token-mean cross-entropy."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def summed_sequence_nll(logits, labels):
+    """open-unlearning's per-sequence NLL: shifted, ignore_index, summed over each sequence."""
+    per_token = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    return per_token.sum(-1)
+
+
+def batchmean_reverse_kl(logits, ref_logits):
+    vocab = logits.shape[-1]
+    current = F.log_softmax(logits, -1).view(-1, vocab)
+    reference = F.log_softmax(ref_logits, -1).view(-1, vocab)
+    return F.kl_div(current, reference, reduction="batchmean", log_target=True)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(7)
+    shape = (3, 12, 50)
+    forget = torch.randn(shape, generator=g)
+    ref_forget = forget + 0.5 * torch.randn(shape, generator=g)
+    retain = torch.randn(shape, generator=g)
+    ref_retain = retain + 0.5 * torch.randn(shape, generator=g)
+    forget_labels = torch.randint(0, 50, shape[:2], generator=g)
+    retain_labels = torch.randint(0, 50, shape[:2], generator=g)
+    forget_labels[:, :4] = -100  # prompts
+    forget_labels[1, 9:] = -100  # padding
+    retain_labels[:, :3] = -100
+    return forget, ref_forget, forget_labels, retain, ref_retain, retain_labels
+
+
+def assert_same_value_and_gradient(ours_fn, theirs_fn, logits):
+    ours_x = logits.clone().requires_grad_(True)
+    theirs_x = logits.clone().requires_grad_(True)
+    ours, theirs = ours_fn(ours_x), theirs_fn(theirs_x)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_soul_ga_ft(batch):
+    forget, _, forget_labels, retain, _, retain_labels = batch
+    gamma = 0.7
+    assert_same_value_and_gradient(
+        lambda x: soul.ga_ft_loss(x, forget_labels, retain, retain_labels, gamma=gamma),
+        lambda x: (
+            -hf_causal_lm_loss(x, forget_labels) + gamma * hf_causal_lm_loss(retain, retain_labels)
+        ),
+        forget,
+    )
+
+
+def test_soul_kl_ft_uses_a_cross_entropy_over_all_positions(batch):
+    forget, ref_forget, _, retain, _, retain_labels = batch
+    gamma = 0.3
+
+    def theirs(x):
+        p, q = torch.softmax(x, -1), torch.softmax(ref_forget, -1)
+        cross_entropy = -(p * torch.log(q + 1e-12)).sum(-1).mean()
+        return -gamma * cross_entropy + hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: soul.kl_ft_loss(x, ref_forget, retain, retain_labels, gamma=gamma), theirs, forget
+    )
+
+
+def test_soul_npo_has_one_log_ratio_per_batch(batch):
+    forget, ref_forget, forget_labels, retain, _, retain_labels = batch
+    gamma = 2.0
+
+    def theirs(x):
+        neg_log_ratios = hf_causal_lm_loss(x, forget_labels) - hf_causal_lm_loss(
+            ref_forget, forget_labels
+        )
+        forget_loss = -F.logsigmoid(0.1 * neg_log_ratios).mean() * 2 / 0.1
+        return forget_loss + gamma * hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: soul.npo_loss(x, ref_forget, forget_labels, retain, retain_labels, gamma=gamma),
+        theirs,
+        forget,
+    )
+
+
+@pytest.mark.parametrize("retain_loss_type", ["NLL", "KL"])
+def test_open_unlearning_grad_diff(batch, retain_loss_type):
+    forget, _, forget_labels, retain, ref_retain, retain_labels = batch
+
+    def theirs(x):
+        retain_term = (
+            hf_causal_lm_loss(retain, retain_labels)
+            if retain_loss_type == "NLL"
+            else batchmean_reverse_kl(retain, ref_retain)
+        )
+        return 0.5 * -hf_causal_lm_loss(x, forget_labels) + 2.0 * retain_term
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.grad_diff_loss(
+            x,
+            forget_labels,
+            retain,
+            retain_labels,
+            gamma=0.5,
+            alpha=2.0,
+            retain_loss_type=retain_loss_type,
+            ref_retain_logits=ref_retain,
+        ),
+        theirs,
+        forget,
+    )
+
+
+def test_open_unlearning_npo_sums_each_sequence(batch):
+    forget, ref_forget, forget_labels, retain, _, retain_labels = batch
+    forget_labels = forget_labels.clone()
+    forget_labels[2] = -100  # an empty sequence still enters their mean
+    beta = 0.1
+
+    def theirs(x):
+        lose_log_ratio = -(
+            summed_sequence_nll(x, forget_labels) - summed_sequence_nll(ref_forget, forget_labels)
+        )
+        forget_loss = -F.logsigmoid(-beta * lose_log_ratio).mean() * 2 / beta
+        return forget_loss + hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.npo_loss(
+            x, ref_forget, forget_labels, retain, retain_labels, beta=beta
+        ),
+        theirs,
+        forget,
+    )
+
+
+def test_open_unlearning_simnpo_counts_unshifted_labels(batch):
+    forget, _, forget_labels, retain, _, retain_labels = batch
+    forget_labels = forget_labels.clone()
+    forget_labels[0, 0] = 3  # counted by their length, never scored
+    beta, delta = 2.5, 0.4
+
+    def theirs(x):
+        lengths = (forget_labels != -100).sum(-1)
+        mean_nll = summed_sequence_nll(x, forget_labels) / lengths - delta
+        forget_loss = -F.logsigmoid(beta * mean_nll).mean() * 2 / beta
+        return forget_loss + hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.simnpo_loss(
+            x, forget_labels, retain, retain_labels, beta=beta, delta=delta
+        ),
+        theirs,
+        forget,
+    )
+
+
+def test_open_unlearning_retain_kl_is_reverse_kl_over_every_row(batch):
+    _, _, _, retain, ref_retain, _ = batch
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.retain_kl_loss(x, ref_retain),
+        lambda x: batchmean_reverse_kl(x, ref_retain),
+        retain,
+    )
+
+
+def test_open_unlearning_kl_retain_needs_reference_logits(batch):
+    forget, _, forget_labels, retain, _, retain_labels = batch
+    with pytest.raises(ValueError, match="ref_retain_logits"):
+        open_unlearning.grad_diff_loss(
+            forget, forget_labels, retain, retain_labels, retain_loss_type="KL"
+        )

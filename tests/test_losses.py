@@ -1,0 +1,285 @@
+"""Every loss against the float64 reference, and the properties its math implies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import reference as ref
+import torch
+from cases import cases
+from helpers import assert_matches_reference, value_and_grad
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unlearning_losses import (
+    combine_with_retain,
+    ga_loss,
+    kl_divergence,
+    kl_loss,
+    nll_loss,
+    npo_loss,
+    simnpo_loss,
+    token_logprobs,
+)
+
+GRANULARITIES = ["sequence", "sequence_mean", "token", "batch"]
+
+
+@given(cases())
+def test_ga_and_nll_match_reference(case):
+    assert_matches_reference(
+        case,
+        lambda x: ga_loss(x, case.labels, shift=case.shift),
+        lambda x: ref.ga(x, case.labels, case.shift),
+    )
+    assert_matches_reference(
+        case,
+        lambda x: nll_loss(x, case.labels, shift=case.shift),
+        lambda x: ref.nll(x, case.labels, case.shift),
+    )
+
+
+@given(cases(), st.sampled_from(["forward", "reverse"]), st.booleans())
+def test_kl_losses_match_reference(case, direction, with_labels):
+    labels = case.labels if with_labels else None
+    assert_matches_reference(
+        case,
+        lambda x: kl_divergence(x, case.ref_logits, labels, direction=direction, shift=case.shift),
+        lambda x: ref.kl_divergence(x, case.ref_logits.double(), labels, direction, case.shift),
+    )
+    assert_matches_reference(
+        case,
+        lambda x: kl_loss(x, case.ref_logits, labels, direction=direction, shift=case.shift),
+        lambda x: -ref.kl_divergence(x, case.ref_logits.double(), labels, direction, case.shift),
+    )
+
+
+@given(cases(), st.sampled_from(GRANULARITIES), st.sampled_from([0.05, 0.1, 1.0, 4.0]))
+def test_npo_matches_reference(case, granularity, beta):
+    ref_logprobs = ref.token_logprobs(case.ref_logits, case.labels, case.shift)
+    assert_matches_reference(
+        case,
+        lambda x: npo_loss(
+            x,
+            case.labels,
+            ref_logits=case.ref_logits,
+            beta=beta,
+            granularity=granularity,
+            shift=case.shift,
+        ),
+        lambda x: ref.npo(x, case.labels, ref_logprobs, beta, granularity, case.shift),
+    )
+
+
+@given(cases(dtypes=[torch.float64, torch.float32]), st.sampled_from(GRANULARITIES))
+def test_npo_from_cached_ref_logprobs_equals_npo_from_ref_logits(case, granularity):
+    cached = token_logprobs(case.ref_logits, case.labels, shift=case.shift)
+    from_cache = npo_loss(
+        case.logits, case.labels, ref_logprobs=cached, granularity=granularity, shift=case.shift
+    )
+    from_logits = npo_loss(
+        case.logits,
+        case.labels,
+        ref_logits=case.ref_logits,
+        granularity=granularity,
+        shift=case.shift,
+    )
+    torch.testing.assert_close(from_cache, from_logits)
+
+
+@given(cases(), st.sampled_from([0.5, 4.5]), st.sampled_from([0.0, 1.5]))
+def test_simnpo_matches_reference(case, beta, delta):
+    assert_matches_reference(
+        case,
+        lambda x: simnpo_loss(x, case.labels, beta=beta, delta=delta, shift=case.shift),
+        lambda x: ref.simnpo(x, case.labels, beta, delta, case.shift),
+    )
+
+
+def _all_losses(logits, labels, ref_logits, shift, reduction="mean"):
+    return {
+        "ga": ga_loss(logits, labels, shift=shift, reduction=reduction),
+        "kl": kl_divergence(logits, ref_logits, labels, shift=shift, reduction=reduction),
+        "npo": npo_loss(logits, labels, ref_logits=ref_logits, shift=shift, reduction=reduction),
+        "simnpo": simnpo_loss(logits, labels, shift=shift, reduction=reduction),
+    }
+
+
+@given(cases(three_d=True, dtypes=[torch.float64]))
+def test_masking_a_position_equals_dropping_it(case):
+    """Ignoring the last label of each sequence equals cutting that position off entirely."""
+    labels = case.labels.clone()
+    labels[:, -1] = -100
+    masked = _all_losses(case.logits, labels, case.ref_logits, case.shift)
+    keep = labels.shape[1] - 1
+    if keep == 0 or (case.shift and keep == 1):
+        return  # nothing left to compare against
+    dropped = _all_losses(
+        case.logits[:, :keep], labels[:, :keep], case.ref_logits[:, :keep], case.shift
+    )
+    for name in masked:
+        torch.testing.assert_close(masked[name], dropped[name], msg=name)
+
+
+@given(cases(dtypes=[torch.float64, torch.float32]))
+def test_sum_equals_mean_times_count(case):
+    count = ref.valid_mask(case.labels, case.logits, case.shift).sum()
+    for fn in (ga_loss, nll_loss):
+        total = fn(case.logits, case.labels, shift=case.shift, reduction="sum")
+        mean = fn(case.logits, case.labels, shift=case.shift)
+        torch.testing.assert_close(total, mean * count)
+    lp = token_logprobs(case.logits, case.labels, shift=case.shift)
+    if lp.dim() == 1:
+        lp = lp[None]
+    sequences = (
+        ref.valid_mask(case.labels, case.logits, case.shift).reshape(lp.shape).sum(-1) > 0
+    ).sum()
+    for name in ("npo", "simnpo"):
+        total = _all_losses(case.logits, case.labels, case.ref_logits, case.shift, "sum")[name]
+        mean = _all_losses(case.logits, case.labels, case.ref_logits, case.shift)[name]
+        torch.testing.assert_close(total, mean * sequences)
+
+
+@given(cases(dtypes=[torch.float64, torch.float32]))
+def test_reduction_none_sums_to_reduction_sum(case):
+    for name, per_item in _all_losses(
+        case.logits, case.labels, case.ref_logits, case.shift, "none"
+    ).items():
+        total = _all_losses(case.logits, case.labels, case.ref_logits, case.shift, "sum")[name]
+        torch.testing.assert_close(per_item.sum(), total, msg=name)
+
+
+@given(cases(three_d=True, dtypes=[torch.float64]))
+def test_npo_gradient_at_the_reference_is_the_sequence_loglikelihood_gradient(case):
+    """At theta = reference, sigma(0) = 1/2, so grad NPO = grad of mean_i sum_t log p."""
+    x = case.logits.detach().clone().requires_grad_(True)
+    npo_loss(x, case.labels, ref_logits=case.logits, shift=case.shift).backward()
+    y = case.logits.detach().clone().requires_grad_(True)
+    lp = token_logprobs(y, case.labels, shift=case.shift)
+    nonempty = (ref.valid_mask(case.labels, case.logits, case.shift).sum(-1) > 0).sum()
+    (lp.sum() / nonempty.clamp(min=1)).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+@given(cases(three_d=True, dtypes=[torch.float64]))
+def test_npo_tends_to_mean_log_ratio_as_beta_vanishes(case):
+    beta = 1e-6
+    loss = npo_loss(
+        case.logits, case.labels, ref_logits=case.ref_logits, beta=beta, shift=case.shift
+    )
+    lp = ref.token_logprobs(case.logits, case.labels, case.shift)
+    rp = ref.token_logprobs(case.ref_logits, case.labels, case.shift)
+    valid = ref.valid_mask(case.labels, case.logits, case.shift)
+    nonempty = valid.sum(-1) > 0
+    if not nonempty.any():
+        assert loss == 0
+        return
+    delta = (lp - rp).sum(-1)[nonempty].mean()
+    torch.testing.assert_close(loss - 2 * math.log(2) / beta, delta, rtol=1e-3, atol=1e-3)
+
+
+@given(
+    cases(three_d=True, dtypes=[torch.float64, torch.float32]), st.sampled_from(["ga", "nll", "kl"])
+)
+def test_num_items_in_batch_halves_add_up_to_the_full_batch(case, name):
+    fn = {
+        "ga": ga_loss,
+        "nll": nll_loss,
+        "kl": lambda x, y, **kw: kl_divergence(x, case.ref_logits[rows(x)], y, **kw),
+    }[name]
+    batch = case.logits.shape[0]
+    if batch < 2:
+        return
+    split = batch // 2
+    halves = [slice(0, split), slice(split, batch)]
+
+    def rows(x):
+        return (
+            halves[0] if x.shape[0] == split else halves[1] if x.shape[0] != batch else slice(None)
+        )
+
+    count = ref.valid_mask(case.labels, case.logits, case.shift).sum()
+    full_value, full_grad = value_and_grad(
+        lambda x: fn(x, case.labels, shift=case.shift), case.logits, 1.0
+    )
+    x = case.logits.detach().clone().requires_grad_(True)
+    total = sum(
+        fn(x[h], case.labels[h], shift=case.shift, num_items_in_batch=count) for h in halves
+    )
+    total.backward()
+    torch.testing.assert_close(total.detach(), full_value)
+    torch.testing.assert_close(x.grad, full_grad)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_all_ignored_batch_gives_zero_loss_and_zero_gradient(granularity):
+    logits = torch.randn(2, 4, 6, requires_grad=True)
+    labels = torch.full((2, 4), -100)
+    losses = [
+        ga_loss(logits, labels),
+        nll_loss(logits, labels),
+        kl_loss(logits, torch.randn(2, 4, 6), labels),
+        npo_loss(logits, labels, ref_logits=torch.randn(2, 4, 6), granularity=granularity),
+        simnpo_loss(logits, labels),
+    ]
+    for loss in losses:
+        assert loss.item() == 0.0
+    sum(losses).backward()
+    assert (logits.grad == 0).all()
+
+
+def test_t_equals_one_with_shift_is_empty():
+    logits = torch.randn(3, 1, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (3, 1))
+    assert token_logprobs(logits, labels).shape == (3, 0)
+    loss = ga_loss(logits, labels) + npo_loss(logits, labels, ref_logits=logits.detach())
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (logits.grad == 0).all()
+
+
+def test_reduction_none_shapes():
+    logits, labels = torch.randn(3, 6, 5), torch.randint(0, 5, (3, 6))
+    ref_logits = torch.randn(3, 6, 5)
+    assert ga_loss(logits, labels, reduction="none").shape == (3, 5)
+    assert kl_divergence(logits, ref_logits, labels, reduction="none").shape == (3, 5)
+    assert kl_divergence(logits, ref_logits, reduction="none").shape == (3, 6)
+    assert npo_loss(logits, labels, ref_logits=ref_logits, reduction="none").shape == (3,)
+    assert npo_loss(
+        logits, labels, ref_logits=ref_logits, granularity="token", reduction="none"
+    ).shape == (3, 5)
+    assert simnpo_loss(logits, labels, reduction="none").shape == (3,)
+    assert ga_loss(logits[0], labels[0], reduction="none").shape == (6,)
+
+
+def test_ga_is_the_negative_of_hugging_face_causal_lm_loss():
+    logits, labels = torch.randn(2, 7, 9), torch.randint(0, 9, (2, 7))
+    labels[:, :3] = -100
+    hf = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(ga_loss(logits, labels), -hf)
+    torch.testing.assert_close(nll_loss(logits, labels), hf)
+
+
+def test_combine_with_retain_is_the_weighted_sum():
+    forget, retain = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    total = combine_with_retain(forget, retain, forget_weight=0.5, retain_weight=4.0)
+    assert total.item() == 0.5 * 2.0 + 4.0 * 3.0
+    total.backward()
+    assert forget.grad.item() == 0.5 and retain.grad.item() == 4.0
+
+
+def test_extreme_finite_logits_give_finite_losses():
+    logits = torch.tensor(
+        [[[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0], [0.0, 0.0, 1e4]]], requires_grad=True
+    )
+    ref_logits = -logits.detach()
+    labels = torch.tensor([[0, 0, 1]])
+    loss = (
+        ga_loss(logits, labels)
+        + kl_loss(logits, ref_logits, labels)
+        + npo_loss(logits, labels, ref_logits=ref_logits)
+        + simnpo_loss(logits, labels)
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

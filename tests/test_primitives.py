@@ -1,0 +1,122 @@
+"""The token reductions against the float64 reference, and their own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+from cases import cases
+from helpers import assert_matches_reference
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unlearning_losses import kl_divergence, token_logprobs
+from unlearning_losses.ops import chunked
+
+
+@given(cases())
+def test_token_logprobs_match_reference(case):
+    assert_matches_reference(
+        case,
+        lambda x: token_logprobs(x, case.labels, shift=case.shift),
+        lambda x: ref.token_logprobs(x, case.labels, case.shift),
+    )
+
+
+@given(cases(), st.sampled_from(["forward", "reverse"]))
+def test_per_token_kl_matches_reference(case, direction):
+    def ours(x):
+        return kl_divergence(
+            x, case.ref_logits, case.labels, direction=direction, shift=case.shift, reduction="none"
+        )
+
+    def expected(x):
+        rows, _, valid, shape = ref.align(x, case.labels, case.shift)
+        ref_rows = ref.align(case.ref_logits.double(), case.labels, case.shift)[0]
+        per_row = ref.token_kl(rows, ref_rows, direction)
+        return torch.where(valid, per_row, torch.zeros_like(per_row)).reshape(shape)
+
+    assert_matches_reference(case, ours, expected)
+
+
+@given(cases(min_vocab=2), st.sampled_from(["forward", "reverse"]))
+def test_results_do_not_depend_on_chunk_size(case, direction):
+    def run():
+        x = case.logits.clone().requires_grad_(True)
+        lp = token_logprobs(x, case.labels, shift=case.shift, backend="torch")
+        kl = kl_divergence(
+            x,
+            case.ref_logits,
+            case.labels,
+            direction=direction,
+            shift=case.shift,
+            reduction="none",
+            backend="torch",
+        )
+        (lp.sum() + kl.sum()).backward()
+        return lp.detach(), kl.detach(), x.grad
+
+    default = run()
+    original = chunked.CHUNK_BYTES
+    try:
+        chunked.CHUNK_BYTES = 1  # one row per chunk
+        one_row = run()
+    finally:
+        chunked.CHUNK_BYTES = original
+    for a, b in zip(default, one_row, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@given(cases(dtypes=[torch.float64, torch.float32]))
+def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative(case):
+    same = kl_divergence(case.logits, case.logits, case.labels, shift=case.shift, reduction="none")
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-5, rtol=0)
+    for direction in ("forward", "reverse"):
+        kl = kl_divergence(
+            case.logits,
+            case.ref_logits,
+            case.labels,
+            direction=direction,
+            shift=case.shift,
+            reduction="none",
+        )
+        assert (kl >= -1e-5).all()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gradcheck_in_float64(direction):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    ref_logits = torch.randn(2, 4, 5, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 5, (2, 4), generator=g)
+    labels[0, 2] = -100
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, labels), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda x: kl_divergence(x, ref_logits, labels, direction=direction, reduction="none"),
+        (logits,),
+    )
+
+
+def test_shift_reads_a_view_and_zeroes_the_last_positions_gradient():
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5))
+    token_logprobs(logits, labels).sum().backward()
+    assert logits.grad.shape == logits.shape
+    assert (logits.grad[:, -1] == 0).all()
+    assert (logits.grad[:, :-1] != 0).any()
+
+
+def test_nan_logits_propagate():
+    logits = torch.randn(1, 3, 5)
+    logits[0, 0, 2] = float("nan")
+    labels = torch.tensor([[1, 2, 3]])
+    assert torch.isnan(token_logprobs(logits, labels)[0, 0])
+    assert torch.isnan(kl_divergence(logits, torch.randn(1, 3, 5), labels, reduction="none")[0, 0])
+    assert torch.isnan(kl_divergence(torch.randn(1, 3, 5), logits, labels, reduction="none")[0, 0])
+
+
+def test_gradient_of_bf16_logits_is_bf16_and_needs_no_float32_copy():
+    logits = torch.randn(2, 9, 11, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 9))
+    token_logprobs(logits, labels).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
