@@ -1,10 +1,11 @@
 """The chunked PyTorch backend of the token reductions.
 
 Each function walks the rows of ``logits`` (B, T, V) in chunks of a bounded number of bytes, so the
-only temporaries are chunk-sized. The forward keeps float32 per-token results and the log-sum-exp;
-the backward recomputes the softmax chunk by chunk and writes the gradient straight into one buffer
-in the logits' dtype. With ``shift=True`` the rows read are ``logits[:, :-1]`` (a strided view, never
-copied) and the gradient's last position is zero.
+only temporaries are chunk-sized and stay in cache. The forward keeps per-token results in float32
+(float64 for float64 logits); the backward recomputes the softmax chunk by chunk and writes the
+gradient, scaled and rounded in one step, into a single buffer in the logits' dtype. Only the rows
+``[:, :L]`` are read, so the causal-LM shift needs no copy of the logits; the gradient of the rows
+past ``L`` is zero.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ def _row_chunks(batch: int, length: int, vocab: int):
 
 
 def _grad_buffer(logits: Tensor, length: int) -> Tensor:
-    """The gradient of the full logits; positions past ``length`` (the shifted-out one) are zero."""
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    """The gradient of the full logits; rows past ``length`` (the shifted-out one) are zero."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if length < logits.shape[1]:
         grad[:, length:].zero_()
     return grad
 
 
-def _chunk_target(out: Tensor, acc: torch.dtype) -> Tensor:
-    """Where a chunk's gradient is computed: in place when the logits already are ``acc``."""
-    return out if out.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
+def _weighted_difference(weight: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``first - second`` where ``weight > 0``, else 0: zero-weight entries never meet -inf - -inf.
+
+    NaN weights keep their NaN, so non-finite logits propagate.
+    """
+    return (first - second).masked_fill_(weight == 0, 0.0)
 
 
 class LabelLogprobs(torch.autograd.Function):
@@ -51,43 +55,36 @@ class LabelLogprobs(torch.autograd.Function):
         batch, length = targets.shape
         acc = accumulation_dtype(logits.dtype)
         out = torch.empty((batch, length), dtype=acc, device=logits.device)
-        lse = torch.empty_like(out)
         safe_targets = torch.where(valid, targets, 0)
         for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            x = logits[b, t0:t1].to(acc)
-            chunk_lse = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
-            lse[b, t0:t1] = chunk_lse
-            out[b, t0:t1] = torch.where(valid[b, t0:t1], picked - chunk_lse, 0.0)
-        ctx.save_for_backward(logits, safe_targets, valid, lse, out)
-        ctx.mark_non_differentiable(safe_targets)
+            logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
+            picked = logp.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
+            out[b, t0:t1] = torch.where(valid[b, t0:t1], picked, 0.0)
+        ctx.save_for_backward(logits, safe_targets, valid, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        logits, safe_targets, valid, lse, logprobs = ctx.saved_tensors
+        logits, safe_targets, valid, logprobs = ctx.saved_tensors
         batch, length = safe_targets.shape
-        acc = lse.dtype
         grad = _grad_buffer(logits, length)
-        scale = torch.where(valid, grad_out.to(acc), 0.0)
-        # d log p_y / d z_j = 1[j = y] - p_j; the label entry is -expm1(log p_y), exact near p_y = 1.
-        label_term = scale * -torch.expm1(logprobs)
+        neg_scale = torch.where(valid, -grad_out.to(logprobs.dtype), 0.0)
+        # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed
+        # in float32 (exact near p_y = 1) and rounded once.
+        label_term = (neg_scale * torch.expm1(logprobs)).to(logits.dtype)
         for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            target = _chunk_target(grad[b, t0:t1], acc)
-            torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=target)
-            target.exp_().mul_(-scale[b, t0:t1, None])
-            target.scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
-            if target.data_ptr() != grad[b, t0:t1].data_ptr():
-                grad[b, t0:t1].copy_(target)
+            probs = torch.softmax(logits[b, t0:t1], dim=-1, dtype=logprobs.dtype)
+            torch.mul(probs, neg_scale[b, t0:t1, None], out=grad[b, t0:t1])
+            grad[b, t0:t1].scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
         return grad, None, None
 
 
 class TokenKL(torch.autograd.Function):
     """Per-token KL between the softmax of ``logits`` (P) and of ``ref_logits`` (Q).
 
-    ``direction="forward"`` is KL(P || Q), ``"reverse"`` is KL(Q || P). Only ``logits`` is
-    differentiated; ``ref_logits`` is a constant.
+    ``forward_kl`` selects KL(P || Q), else KL(Q || P). Only ``logits`` is differentiated;
+    ``ref_logits`` is a constant.
     """
 
     @staticmethod
@@ -97,47 +94,36 @@ class TokenKL(torch.autograd.Function):
         batch, length = valid.shape
         acc = accumulation_dtype(logits.dtype)
         out = torch.empty((batch, length), dtype=acc, device=logits.device)
-        lse = torch.empty_like(out)
-        ref_lse = torch.empty_like(out)
         for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            logp = logits[b, t0:t1].to(acc)
-            logq = ref_logits[b, t0:t1].to(acc)
-            chunk_lse = torch.logsumexp(logp, dim=-1, keepdim=True)
-            chunk_ref_lse = torch.logsumexp(logq, dim=-1, keepdim=True)
-            logp = logp - chunk_lse
-            logq = logq - chunk_ref_lse
+            logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
+            logq = torch.log_softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc)
             first, second = (logp, logq) if forward_kl else (logq, logp)
             weight = first.exp()
-            # An entry whose weight is 0 contributes 0, even against -inf; NaN still propagates.
-            terms = torch.where(weight == 0, 0.0, weight * (first - second))
-            lse[b, t0:t1] = chunk_lse.squeeze(1)
-            ref_lse[b, t0:t1] = chunk_ref_lse.squeeze(1)
-            out[b, t0:t1] = torch.where(valid[b, t0:t1], terms.sum(-1), 0.0)
-        ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, out)
+            kl = torch.linalg.vecdot(weight, _weighted_difference(weight, first, second))
+            out[b, t0:t1] = torch.where(valid[b, t0:t1], kl, 0.0)
+        ctx.save_for_backward(logits, ref_logits, valid, out)
         ctx.forward_kl = forward_kl
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
+        logits, ref_logits, valid, kl = ctx.saved_tensors
         batch, length = valid.shape
-        acc = lse.dtype
+        acc = kl.dtype
         grad = _grad_buffer(logits, length)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
         for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            target = _chunk_target(grad[b, t0:t1], acc)
-            logp = torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=target)
-            logq = ref_logits[b, t0:t1].to(acc) - ref_lse[b, t0:t1, None]
             if ctx.forward_kl:
                 # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-                p = logp.exp()
-                inner = torch.where(p == 0, 0.0, logp - logq - kl[b, t0:t1, None])
-                torch.mul(p, inner, out=target)
+                logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
+                logq = torch.log_softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc)
+                probs = logp.exp()
+                inner = _weighted_difference(probs, logp, logq).sub_(kl[b, t0:t1, None])
+                inner.mul_(probs)
             else:
                 # d KL(Q||P) / d z_j = p_j - q_j
-                target.exp_().sub_(logq.exp_())
-            target.mul_(scale[b, t0:t1, None])
-            if target.data_ptr() != grad[b, t0:t1].data_ptr():
-                grad[b, t0:t1].copy_(target)
+                inner = torch.softmax(logits[b, t0:t1], dim=-1, dtype=acc)
+                inner.sub_(torch.softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc))
+            torch.mul(inner, scale[b, t0:t1, None], out=grad[b, t0:t1])
         return grad, None, None, None
