@@ -1,14 +1,16 @@
 """The chunked PyTorch backend of the token reductions.
 
 Each function walks the rows of ``logits`` (B, T, V) in chunks of a bounded number of bytes, so the
-only temporaries are chunk-sized and stay in cache. The forward keeps per-token results in float32
-(float64 for float64 logits); the backward recomputes the softmax chunk by chunk and writes the
-gradient, scaled and rounded in one step, into a single buffer in the logits' dtype. Only the rows
-``[:, :L]`` are read, so the causal-LM shift needs no copy of the logits; the gradient of the rows
-past ``L`` is zero.
+only temporaries are chunk-sized and stay in cache. The forward keeps per-token results and the
+log-sum-exp in float32 (float64 for float64 logits); the backward recomputes the softmax from the
+log-sum-exp chunk by chunk and writes the gradient, scaled and rounded in one step, into a single
+buffer in the logits' dtype. Only the rows ``[:, :L]`` are read (L = the mask's length), so the
+causal-LM shift needs no copy of the logits; rows past ``L`` get a zero gradient.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -23,28 +25,51 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(batch: int, length: int, vocab: int):
-    """Yield (b, t0, t1): the rows of one batch element, ``CHUNK_BYTES`` of float32 at a time."""
+def _valid_spans(valid: Tensor) -> list[tuple[int, int]]:
+    """Per batch element, the rows to visit: from the first to the last valid one.
+
+    On the CPU, where reading the mask costs no device sync, leading and trailing rows without a
+    valid label (prompt, padding) are skipped; on other devices every row is visited.
+    """
+    batch, length = valid.shape
+    if valid.device.type != "cpu" or length == 0:
+        return [(0, length)] * batch
+    positions = torch.arange(length).expand(batch, length)
+    first = torch.where(valid, positions, length).min(-1).values.tolist()
+    last = torch.where(valid, positions, -1).max(-1).values.tolist()
+    return [(lo, hi + 1) if hi >= 0 else (0, 0) for lo, hi in zip(first, last, strict=True)]
+
+
+def _row_chunks(spans: list[tuple[int, int]], vocab: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (b, t0, t1) over the spans, ``CHUNK_BYTES`` of float32 at a time."""
     rows = max(1, CHUNK_BYTES // (4 * vocab))
-    for b in range(batch):
-        for t0 in range(0, length, rows):
-            yield b, t0, min(t0 + rows, length)
+    for b, (start, stop) in enumerate(spans):
+        for t0 in range(start, stop, rows):
+            yield b, t0, min(t0 + rows, stop)
 
 
-def _grad_buffer(logits: Tensor, length: int) -> Tensor:
-    """The gradient of the full logits; rows past ``length`` (the shifted-out one) are zero."""
+def _grad_buffer(logits: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """The gradient of the full logits, zero outside the visited spans."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if length < logits.shape[1]:
-        grad[:, length:].zero_()
+    for b, (start, stop) in enumerate(spans):
+        grad[b, :start].zero_()
+        grad[b, stop:].zero_()
     return grad
 
 
-def _weighted_difference(weight: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """``first - second`` where ``weight > 0``, else 0: zero-weight entries never meet -inf - -inf.
+def _chunk_workspace(out: Tensor, acc: torch.dtype) -> Tensor:
+    """Where a chunk is computed: ``out`` itself when it already has the accumulation dtype."""
+    return out if out.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
 
-    NaN weights keep their NaN, so non-finite logits propagate.
+
+def _log_ratio(first: Tensor, second: Tensor) -> Tensor:
+    """``first - second`` of two log-probability chunks, finite where -inf entries meet.
+
+    Such an entry has probability 0 on the side that weights it, so ``0 * ratio`` must be 0, not
+    NaN: both sides are floored at the lowest finite value first (NaN stays NaN). Overwrites both.
     """
-    return (first - second).masked_fill_(weight == 0, 0.0)
+    floor = torch.finfo(first.dtype).min
+    return first.clamp_min_(floor).sub_(second.clamp_min_(floor))
 
 
 class LabelLogprobs(torch.autograd.Function):
@@ -52,29 +77,34 @@ class LabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        batch, length = targets.shape
         acc = accumulation_dtype(logits.dtype)
-        out = torch.empty((batch, length), dtype=acc, device=logits.device)
+        out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        lse = torch.zeros_like(out)
         safe_targets = torch.where(valid, targets, 0)
-        for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
-            picked = logp.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
-            out[b, t0:t1] = torch.where(valid[b, t0:t1], picked, 0.0)
-        ctx.save_for_backward(logits, safe_targets, valid, out)
+        spans = _valid_spans(valid)
+        for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+            x = logits[b, t0:t1].to(acc)
+            chunk_lse = torch.logsumexp(x, dim=-1)
+            picked = x.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
+            lse[b, t0:t1] = chunk_lse
+            out[b, t0:t1] = torch.where(valid[b, t0:t1], picked - chunk_lse, 0.0)
+        ctx.save_for_backward(logits, safe_targets, valid, lse, out)
+        ctx.spans = spans
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        logits, safe_targets, valid, logprobs = ctx.saved_tensors
-        batch, length = safe_targets.shape
-        grad = _grad_buffer(logits, length)
-        neg_scale = torch.where(valid, -grad_out.to(logprobs.dtype), 0.0)
+        logits, safe_targets, valid, lse, logprobs = ctx.saved_tensors
+        acc = logprobs.dtype
+        grad = _grad_buffer(logits, ctx.spans)
+        neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
         # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed
         # in float32 (exact near p_y = 1) and rounded once.
         label_term = (neg_scale * torch.expm1(logprobs)).to(logits.dtype)
-        for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            probs = torch.softmax(logits[b, t0:t1], dim=-1, dtype=logprobs.dtype)
+        for b, t0, t1 in _row_chunks(ctx.spans, logits.shape[-1]):
+            probs = _chunk_workspace(grad[b, t0:t1], acc)
+            torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=probs).exp_()
             torch.mul(probs, neg_scale[b, t0:t1, None], out=grad[b, t0:t1])
             grad[b, t0:t1].scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
         return grad, None, None
@@ -91,39 +121,38 @@ class TokenKL(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool
     ) -> Tensor:
-        batch, length = valid.shape
         acc = accumulation_dtype(logits.dtype)
-        out = torch.empty((batch, length), dtype=acc, device=logits.device)
-        for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
-            logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
-            logq = torch.log_softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc)
+        out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        spans = _valid_spans(valid)
+        for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+            logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
+            logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
             first, second = (logp, logq) if forward_kl else (logq, logp)
             weight = first.exp()
-            kl = torch.linalg.vecdot(weight, _weighted_difference(weight, first, second))
+            kl = (weight * _log_ratio(first, second)).sum(-1)
             out[b, t0:t1] = torch.where(valid[b, t0:t1], kl, 0.0)
         ctx.save_for_backward(logits, ref_logits, valid, out)
         ctx.forward_kl = forward_kl
+        ctx.spans = spans
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         logits, ref_logits, valid, kl = ctx.saved_tensors
-        batch, length = valid.shape
         acc = kl.dtype
-        grad = _grad_buffer(logits, length)
+        grad = _grad_buffer(logits, ctx.spans)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
-        for b, t0, t1 in _row_chunks(batch, length, logits.shape[-1]):
+        for b, t0, t1 in _row_chunks(ctx.spans, logits.shape[-1]):
             if ctx.forward_kl:
                 # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-                logp = torch.log_softmax(logits[b, t0:t1], dim=-1, dtype=acc)
-                logq = torch.log_softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc)
+                logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
                 probs = logp.exp()
-                inner = _weighted_difference(probs, logp, logq).sub_(kl[b, t0:t1, None])
-                inner.mul_(probs)
+                logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
+                inner = _log_ratio(logp, logq).sub_(kl[b, t0:t1, None]).mul_(probs)
             else:
                 # d KL(Q||P) / d z_j = p_j - q_j
-                inner = torch.softmax(logits[b, t0:t1], dim=-1, dtype=acc)
-                inner.sub_(torch.softmax(ref_logits[b, t0:t1], dim=-1, dtype=acc))
+                inner = torch.softmax(logits[b, t0:t1], -1, dtype=acc)
+                inner.sub_(torch.softmax(ref_logits[b, t0:t1], -1, dtype=acc))
             torch.mul(inner, scale[b, t0:t1, None], out=grad[b, t0:t1])
         return grad, None, None, None
