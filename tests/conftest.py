@@ -1,11 +1,17 @@
-"""Hypothesis profiles: ``ci`` (default, fast) and ``thorough`` (>= 1,000 examples per property).
+"""Test setup. Hypothesis profiles: ``ci`` (default, fast) and ``thorough`` (>= 1,000 examples per property).
 
 Select with ``HYPOTHESIS_PROFILE=thorough pytest``.
 """
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter. Set before any
+# kernel is defined (the package imports Triton lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci",

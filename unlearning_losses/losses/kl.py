@@ -25,6 +25,7 @@ def kl_divergence(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Mean per-token KL divergence between the model's and a reference's next-token distributions.
 
@@ -46,7 +47,8 @@ def kl_divergence(
         labels: selects positions as in :func:`ga_loss` (with the shift); ``None`` counts every
             position of the logits (shift then does not apply).
         direction: ``"forward"`` (KL(P_theta || P_ref), the SOUL paper's) or ``"reverse"``.
-        ignore_index, shift, num_items_in_batch, backend, validate: as :func:`ga_loss`.
+        ignore_index, shift, num_items_in_batch, backend, validate, inplace_backward: as
+            :func:`ga_loss`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per token).
 
     Returns:
@@ -79,6 +81,7 @@ def kl_divergence(
         tokens.valid,
         forward_kl=direction == "forward",
         backend=backend,
+        inplace_backward=inplace_backward,
     )
     return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
 
@@ -95,6 +98,7 @@ def kl_loss(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""KL forget loss: the negative of :func:`kl_divergence`, to minimize.
 
@@ -114,4 +118,5 @@ def kl_loss(
         num_items_in_batch=num_items_in_batch,
         backend=backend,
         validate=validate,
+        inplace_backward=inplace_backward,
     )

@@ -15,6 +15,7 @@ def token_logprobs(
     shift: bool = True,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Log-probability of each label under the softmax of the logits.
 
@@ -30,6 +31,11 @@ def token_logprobs(
         shift: for 3-D input, ``logits[:, t]`` scores ``labels[:, t + 1]`` (Hugging Face causal LM).
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch) or ``"triton"``.
         validate: check the label range on CUDA too (a host sync); on CPU it is always checked.
+        inplace_backward: write the gradient into ``logits``' own buffer instead of a new one,
+            halving the peak memory of the backward. Hazard: the logits' values are destroyed by
+            the backward, so nothing else may read them afterwards (another loss on the same
+            logits, a metric, a second backward); use it only when this loss is the logits' sole
+            consumer, as with a model's output that feeds just this loss.
 
     Returns:
         float32 (float64) ``(B, T - 1)`` under the shift, else ``(B, T)`` or ``(N,)``; 0 at ignored
@@ -49,5 +55,11 @@ def token_logprobs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
     )
     return tokens.unflatten(
-        ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+        ops.label_logprobs(
+            tokens.logits,
+            tokens.targets,
+            tokens.valid,
+            backend=backend,
+            inplace_backward=inplace_backward,
+        )
     )

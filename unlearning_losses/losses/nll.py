@@ -17,6 +17,7 @@ def _token_mean_logprob(
     num_items_in_batch: int | Tensor | None,
     backend: str,
     validate: bool,
+    inplace_backward: bool,
 ) -> Tensor:
     tokens = _tokens.align(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
@@ -27,7 +28,13 @@ def _token_mean_logprob(
         raise ValueError(
             f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
         )
-    logprobs = ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    logprobs = ops.label_logprobs(
+        tokens.logits,
+        tokens.targets,
+        tokens.valid,
+        backend=backend,
+        inplace_backward=inplace_backward,
+    )
     return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
 
 
@@ -41,6 +48,7 @@ def ga_loss(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Gradient-ascent forget loss: the mean log-likelihood of the forget tokens, to minimize.
 
@@ -59,6 +67,8 @@ def ga_loss(
             accumulation, data parallel; as Hugging Face Trainer passes it). ``"mean"`` only.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         validate: check the label range on CUDA too (a host sync).
+        inplace_backward: write the gradient into the logits' buffer (see :func:`token_logprobs`
+            for the hazard).
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-token values for ``"none"``.
@@ -71,7 +81,15 @@ def ga_loss(
         >>> ga_loss(logits, labels).backward()
     """
     return _token_mean_logprob(
-        logits, labels, ignore_index, shift, reduction, num_items_in_batch, backend, validate
+        logits,
+        labels,
+        ignore_index,
+        shift,
+        reduction,
+        num_items_in_batch,
+        backend,
+        validate,
+        inplace_backward,
     )
 
 
@@ -85,6 +103,7 @@ def nll_loss(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Negative log-likelihood (the causal-LM loss), the usual retain term.
 
@@ -94,5 +113,13 @@ def nll_loss(
     without a float32 copy of the logits. Arguments as :func:`ga_loss`, of which it is the negative.
     """
     return -_token_mean_logprob(
-        logits, labels, ignore_index, shift, reduction, num_items_in_batch, backend, validate
+        logits,
+        labels,
+        ignore_index,
+        shift,
+        reduction,
+        num_items_in_batch,
+        backend,
+        validate,
+        inplace_backward,
     )

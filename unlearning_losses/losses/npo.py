@@ -52,6 +52,7 @@ def npo_loss(
     reduction: Reduction = "mean",
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""NPO forget loss (Zhang et al., 2024, "Negative Preference Optimization"), to minimize.
 
@@ -81,7 +82,7 @@ def npo_loss(
         ref_logits: or the reference model's logits, shaped like ``logits``. Give exactly one.
         beta: inverse temperature, > 0.
         granularity: ``"sequence"``, ``"sequence_mean"``, ``"token"`` or ``"batch"``.
-        ignore_index, shift, backend, validate: as :func:`ga_loss`.
+        ignore_index, shift, backend, validate, inplace_backward: as :func:`ga_loss`.
         reduction: ``"mean"``, ``"sum"``, or ``"none"`` (per sequence ``(B,)``, 0 for a sequence
             without valid tokens; per token for ``"token"``).
 
@@ -95,7 +96,13 @@ def npo_loss(
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     ref = reference_logprobs(tokens, logits, ref_logprobs, ref_logits, backend)
-    logprobs = ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    logprobs = ops.label_logprobs(
+        tokens.logits,
+        tokens.targets,
+        tokens.valid,
+        backend=backend,
+        inplace_backward=inplace_backward,
+    )
     log_ratio = (logprobs - ref.to(logprobs.dtype)).masked_fill(~tokens.valid, 0.0)
 
     def npo(delta: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ def simnpo_loss(
     reduction: Reduction = "mean",
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""SimNPO forget loss (Fan et al., 2024, "Simplicity Prevails"), to minimize.
 
@@ -32,7 +33,7 @@ def simnpo_loss(
     :math:`2\sigma(-\beta(\bar L_i - \delta))`, which fades once a sequence is forgotten.
 
     Args:
-        logits, labels, ignore_index, shift, backend, validate: as :func:`ga_loss`.
+        logits, labels, ignore_index, shift, backend, validate, inplace_backward: as :func:`ga_loss`.
         beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).
         delta: margin on the mean NLL, finite.
         reduction: ``"mean"`` over sequences, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty ones).
@@ -47,7 +48,13 @@ def simnpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    logprobs = ops.label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    logprobs = ops.label_logprobs(
+        tokens.logits,
+        tokens.targets,
+        tokens.valid,
+        backend=backend,
+        inplace_backward=inplace_backward,
+    )
     sums, counts = sequence_sums(logprobs, tokens.valid)
     mean_nll = -sums / counts.clamp(min=1)
     per_sequence = F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)

@@ -4,42 +4,55 @@ Two primitives carry every loss: the per-token log-probability of the label and 
 between two next-token distributions. Both take the full logits ``(B, T, V)`` and read only the rows
 ``[:, :L]`` where ``L`` is the length of ``valid`` (``L = T - 1`` under the causal-LM shift), so a
 shifted view is never materialised. Backends: ``"torch"`` (chunked PyTorch, any device) and
-``"triton"`` (fused kernels); ``"auto"`` picks Triton for CUDA tensors when it is importable.
+``"triton"`` (fused kernels, CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks
+Triton for CUDA tensors when it is installed. float64 always runs on the chunked path, since the
+kernels accumulate in float32.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
-from . import chunked
+from . import custom_ops
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
+# Looked up once, without importing Triton: ``import unlearning_losses`` never needs it.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 
 def resolve_backend(backend: str, logits: Tensor) -> str:
     """The backend that will run: ``"torch"`` or ``"triton"``."""
-    if backend == "auto":
-        return "triton" if logits.is_cuda and _triton_available() else "torch"
     if backend == "triton":
         _require_triton(logits)
+    if logits.dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        return "triton" if logits.is_cuda and TRITON_INSTALLED else "torch"
     return backend
 
 
 def label_logprobs(
-    logits: Tensor, targets: Tensor, valid: Tensor, *, backend: str = "auto"
+    logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    *,
+    backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     """log p(target) per row of ``logits[:, :L]``: float32 (float64 for float64), 0 where not valid.
 
-    ``targets`` and ``valid`` are ``(B, L)``; targets must lie in ``[0, V)`` where valid.
+    ``targets`` and ``valid`` are ``(B, L)``. Differentiable in ``logits``.
     """
-    if resolve_backend(backend, logits) == "triton":
-        from . import triton_ops
-
-        return triton_ops.label_logprobs(logits, targets, valid)
-    return chunked.LabelLogprobs.apply(logits, targets, valid)
+    which = resolve_backend(backend, logits)
+    out, _ = custom_ops.logprobs(logits, targets, valid, which, inplace_backward)
+    return out
 
 
 def token_kl(
@@ -49,36 +62,25 @@ def token_kl(
     *,
     forward_kl: bool,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, P from ``logits``.
 
-    Differentiable in ``logits`` only; 0 where not valid.
+    Differentiable in ``logits`` only (``ref_logits`` is a constant); 0 where not valid.
     """
-    if resolve_backend(backend, logits) == "triton":
-        from . import triton_ops
-
-        return triton_ops.token_kl(logits, ref_logits, valid, forward_kl=forward_kl)
-    return chunked.TokenKL.apply(logits, ref_logits, valid, forward_kl)
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    which = resolve_backend(backend, logits)
+    out, _, _ = custom_ops.token_kl(logits, ref_logits, valid, forward_kl, which, inplace_backward)
+    return out
 
 
 def _require_triton(logits: Tensor) -> None:
-    import os
-
-    if not _triton_available():
+    if not TRITON_INSTALLED:
         raise ValueError(
             'backend="triton" needs the triton package: pip install "unlearning_losses[triton]", '
             'or use backend="torch"'
         )
     if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1); got logits on '
-            f'{logits.device}. Use backend="torch" or "auto"'
+            f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the '
+            f'CPU); got logits on {logits.device}. Use backend="torch" or "auto"'
         )

@@ -1,11 +1,11 @@
-"""The chunked PyTorch backend of the token reductions.
+"""The chunked PyTorch backend of the token reductions: forward and backward of each primitive.
 
 Each function walks the rows of ``logits`` (B, T, V) in chunks of a bounded number of bytes, so the
-only temporaries are chunk-sized and stay in cache. The forward keeps per-token results and the
-log-sum-exp in float32 (float64 for float64 logits); the backward recomputes the softmax from the
-log-sum-exp chunk by chunk and writes the gradient, scaled and rounded in one step, into a single
-buffer in the logits' dtype. Only the rows ``[:, :L]`` are read (L = the mask's length), so the
-causal-LM shift needs no copy of the logits; rows past ``L`` get a zero gradient.
+only temporaries are chunk-sized and stay in cache. The forwards keep per-token results (and the
+log-sum-exp) in float32 (float64 for float64 logits); the backwards recompute the softmax chunk by
+chunk and write the gradient, scaled and rounded in one step, into one buffer in the logits' dtype.
+Only the rows ``[:, :L]`` are read (L = the mask's length), so the causal-LM shift needs no copy of
+the logits; rows past ``L`` get a zero gradient. Autograd wiring lives in ``custom_ops``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 #: Upper bound on the bytes of one float32 chunk of logits; results do not depend on it.
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -48,13 +47,11 @@ def _row_chunks(spans: list[tuple[int, int]], vocab: int) -> Iterator[tuple[int,
             yield b, t0, min(t0 + rows, stop)
 
 
-def _grad_buffer(logits: Tensor, spans: list[tuple[int, int]]) -> Tensor:
-    """The gradient of the full logits, zero outside the visited spans."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def _zero_outside(grad: Tensor, spans: list[tuple[int, int]]) -> None:
+    """Zero the gradient rows that the chunk loop does not visit (prompt, padding, shifted-out)."""
     for b, (start, stop) in enumerate(spans):
         grad[b, :start].zero_()
         grad[b, stop:].zero_()
-    return grad
 
 
 def _chunk_workspace(out: Tensor, acc: torch.dtype) -> Tensor:
@@ -72,87 +69,89 @@ def _log_ratio(first: Tensor, second: Tensor) -> Tensor:
     return first.clamp_min_(floor).sub_(second.clamp_min_(floor))
 
 
-class LabelLogprobs(torch.autograd.Function):
-    """Per-token log p(label), float32 (float64 for float64 logits), 0 at ignored positions."""
+def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log p(target) over rows ``[:, :L]`` and their log-sum-exp, both ``(B, L)``.
 
-    @staticmethod
-    def forward(ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        acc = accumulation_dtype(logits.dtype)
-        out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-        lse = torch.zeros_like(out)
-        safe_targets = torch.where(valid, targets, 0)
-        spans = _valid_spans(valid)
-        for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
-            x = logits[b, t0:t1].to(acc)
-            chunk_lse = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
-            lse[b, t0:t1] = chunk_lse
-            out[b, t0:t1] = torch.where(valid[b, t0:t1], picked - chunk_lse, 0.0)
-        ctx.save_for_backward(logits, safe_targets, valid, lse, out)
-        ctx.spans = spans
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        logits, safe_targets, valid, lse, logprobs = ctx.saved_tensors
-        acc = logprobs.dtype
-        grad = _grad_buffer(logits, ctx.spans)
-        neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
-        # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed
-        # in float32 (exact near p_y = 1) and rounded once.
-        label_term = (neg_scale * torch.expm1(logprobs)).to(logits.dtype)
-        for b, t0, t1 in _row_chunks(ctx.spans, logits.shape[-1]):
-            probs = _chunk_workspace(grad[b, t0:t1], acc)
-            torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=probs).exp_()
-            torch.mul(probs, neg_scale[b, t0:t1, None], out=grad[b, t0:t1])
-            grad[b, t0:t1].scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
-        return grad, None, None
-
-
-class TokenKL(torch.autograd.Function):
-    """Per-token KL between the softmax of ``logits`` (P) and of ``ref_logits`` (Q).
-
-    ``forward_kl`` selects KL(P || Q), else KL(Q || P). Only ``logits`` is differentiated;
-    ``ref_logits`` is a constant.
+    Float32 (float64 for float64 logits); 0 where not valid.
     """
+    acc = accumulation_dtype(logits.dtype)
+    out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+    lse = torch.zeros_like(out)
+    safe_targets = torch.where(valid, targets, 0)
+    for b, t0, t1 in _row_chunks(_valid_spans(valid), logits.shape[-1]):
+        x = logits[b, t0:t1].to(acc)
+        chunk_lse = torch.logsumexp(x, dim=-1)
+        picked = x.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
+        lse[b, t0:t1] = chunk_lse
+        out[b, t0:t1] = torch.where(valid[b, t0:t1], picked - chunk_lse, 0.0)
+    return out, lse
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool
-    ) -> Tensor:
-        acc = accumulation_dtype(logits.dtype)
-        out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-        spans = _valid_spans(valid)
-        for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+
+def logprobs_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    lse: Tensor,
+    logprobs: Tensor,
+    grad: Tensor,
+) -> None:
+    """Write d(sum grad_out * log p) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    acc = logprobs.dtype
+    spans = _valid_spans(valid)
+    _zero_outside(grad, spans)
+    safe_targets = torch.where(valid, targets, 0)
+    neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
+    # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed in
+    # float32 (exact near p_y = 1) and rounded once.
+    label_term = (neg_scale * torch.expm1(logprobs)).to(grad.dtype)
+    for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+        probs = _chunk_workspace(grad[b, t0:t1], acc)
+        torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=probs).exp_()
+        torch.mul(probs, neg_scale[b, t0:t1, None], out=grad[b, t0:t1])
+        grad[b, t0:t1].scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
+
+
+def kl_forward(logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool) -> Tensor:
+    """Per-token KL(P || Q) (``forward_kl``) or KL(Q || P) over rows ``[:, :L]``; 0 where not valid.
+
+    P is the softmax of ``logits``, Q of ``ref_logits``.
+    """
+    acc = accumulation_dtype(logits.dtype)
+    out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+    for b, t0, t1 in _row_chunks(_valid_spans(valid), logits.shape[-1]):
+        logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
+        logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
+        first, second = (logp, logq) if forward_kl else (logq, logp)
+        weight = first.exp()
+        kl = (weight * _log_ratio(first, second)).sum(-1)
+        out[b, t0:t1] = torch.where(valid[b, t0:t1], kl, 0.0)
+    return out
+
+
+def kl_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    ref_logits: Tensor,
+    valid: Tensor,
+    kl: Tensor,
+    forward_kl: bool,
+    grad: Tensor,
+) -> None:
+    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    acc = kl.dtype
+    spans = _valid_spans(valid)
+    _zero_outside(grad, spans)
+    scale = torch.where(valid, grad_out.to(acc), 0.0)
+    for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+        if forward_kl:
+            # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
             logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
+            probs = logp.exp()
             logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
-            first, second = (logp, logq) if forward_kl else (logq, logp)
-            weight = first.exp()
-            kl = (weight * _log_ratio(first, second)).sum(-1)
-            out[b, t0:t1] = torch.where(valid[b, t0:t1], kl, 0.0)
-        ctx.save_for_backward(logits, ref_logits, valid, out)
-        ctx.forward_kl = forward_kl
-        ctx.spans = spans
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        logits, ref_logits, valid, kl = ctx.saved_tensors
-        acc = kl.dtype
-        grad = _grad_buffer(logits, ctx.spans)
-        scale = torch.where(valid, grad_out.to(acc), 0.0)
-        for b, t0, t1 in _row_chunks(ctx.spans, logits.shape[-1]):
-            if ctx.forward_kl:
-                # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-                logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
-                probs = logp.exp()
-                logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
-                inner = _log_ratio(logp, logq).sub_(kl[b, t0:t1, None]).mul_(probs)
-            else:
-                # d KL(Q||P) / d z_j = p_j - q_j
-                inner = torch.softmax(logits[b, t0:t1], -1, dtype=acc)
-                inner.sub_(torch.softmax(ref_logits[b, t0:t1], -1, dtype=acc))
-            torch.mul(inner, scale[b, t0:t1, None], out=grad[b, t0:t1])
-        return grad, None, None, None
+            inner = _log_ratio(logp, logq).sub_(kl[b, t0:t1, None]).mul_(probs)
+        else:
+            # d KL(Q||P) / d z_j = p_j - q_j
+            inner = torch.softmax(logits[b, t0:t1], -1, dtype=acc)
+            inner.sub_(torch.softmax(ref_logits[b, t0:t1], -1, dtype=acc))
+        torch.mul(inner, scale[b, t0:t1, None], out=grad[b, t0:t1])

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at a tiny size (their numbers are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_loss_benchmark_writes_its_table(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_cpu_losses.py"),
+            "--batch=1",
+            "--length=9",
+            "--vocab=33",
+            "--repeats=1",
+            "--dtypes",
+            "float32",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    table = (tmp_path / "cpu_losses.md").read_text()
+    assert "| ga | float32 |" in table and "| kl | float32 |" in table
+    records = json.loads((tmp_path / "cpu_losses.json").read_text())
+    assert {(r["loss"], r["impl"]) for r in records} == {
+        (loss, impl) for loss in ("ga", "npo", "kl") for impl in ("naive", "ours")
+    }
+    assert all(r["seconds"] > 0 for r in records)

@@ -1,0 +1,159 @@
+"""The Triton kernels (on the CPU through TRITON_INTERPRET=1 without a GPU) against the float64
+reference and against the chunked path."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+from cases import cases
+from helpers import assert_matches_reference, value_and_grad
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unlearning_losses import kl_divergence, token_logprobs
+from unlearning_losses.ops import _triton_common
+
+pytestmark = pytest.mark.triton
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """16-wide tiles, so that the test vocabularies span one or several tiles."""
+    monkeypatch.setattr(_triton_common, "MAX_BLOCK_V", 16)
+
+
+def _on_device(case):
+    case.logits, case.ref_logits = case.logits.to(DEVICE), case.ref_logits.to(DEVICE)
+    case.labels = case.labels.to(DEVICE)
+    return case
+
+
+@settings(max_examples=15)
+@given(cases(dtypes=LOW_PRECISION))
+def test_triton_logprobs_match_reference(case):
+    case = _on_device(case)
+    assert_matches_reference(
+        case,
+        lambda x: token_logprobs(x, case.labels, shift=case.shift, backend="triton"),
+        lambda x: ref.token_logprobs(x, case.labels, case.shift),
+    )
+
+
+@settings(max_examples=15)
+@given(cases(dtypes=LOW_PRECISION), st.sampled_from(["forward", "reverse"]))
+def test_triton_kl_matches_reference(case, direction):
+    case = _on_device(case)
+    assert_matches_reference(
+        case,
+        lambda x: kl_divergence(
+            x, case.ref_logits, case.labels, direction=direction, shift=case.shift, backend="triton"
+        ),
+        lambda x: ref.kl_divergence(
+            x, case.ref_logits.double(), case.labels, direction, case.shift
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("vocab", [1, 13, 50])
+@pytest.mark.parametrize("primitive", ["logprobs", "forward", "reverse"])
+def test_triton_equals_the_chunked_path(dtype, vocab, primitive):
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(2, 7, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    ref_logits = (torch.randn(2, 7, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, (2, 7), generator=g).to(DEVICE)
+    labels[0, :3] = -100
+    labels[1, 4] = -100
+    upstream = torch.randn(2, 6, generator=g).to(DEVICE)
+
+    def run(backend):
+        def fn(x):
+            if primitive == "logprobs":
+                return token_logprobs(x, labels, backend=backend) * upstream
+            return (
+                kl_divergence(
+                    x, ref_logits, labels, direction=primitive, reduction="none", backend=backend
+                )
+                * upstream
+            )
+
+        return value_and_grad(fn, logits, 1.0)
+
+    (value_t, grad_t), (value_c, grad_c) = run("triton"), run("torch")
+    torch.testing.assert_close(value_t, value_c, rtol=1e-5, atol=1e-5)
+    # Both round the same float32 gradient once; the float32 values may differ in the last bits.
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(grad_t.float(), grad_c.float(), rtol=tol, atol=tol)
+    assert (grad_t[:, -1] == 0).all()  # the shifted-out position
+
+
+def test_all_ignored_rows_give_zero_value_and_gradient():
+    logits = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
+    labels = torch.full((2, 5), -100, device=DEVICE)
+    loss = token_logprobs(logits, labels, backend="triton").sum() + kl_divergence(
+        logits, torch.randn_like(logits), labels, backend="triton"
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and (logits.grad == 0).all()
+
+
+def test_extreme_and_masked_logits_stay_finite():
+    logits = torch.tensor(
+        [[[1e4, -1e4, float("-inf"), 0.0] * 5]],
+        device=DEVICE,
+        dtype=torch.bfloat16,
+        requires_grad=True,
+    )
+    ref_logits = torch.tensor(
+        [[[-1e4, 1e4, float("-inf"), 3.0] * 5]], device=DEVICE, dtype=torch.bfloat16
+    )
+    labels = torch.tensor([[0]], device=DEVICE)
+    total = (
+        token_logprobs(logits[0], labels[0], backend="triton").sum()
+        + kl_divergence(logits, ref_logits, backend="triton")
+        + kl_divergence(logits, ref_logits, direction="reverse", backend="triton")
+    )
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(logits.grad).all()
+
+
+def test_out_of_range_label_is_never_read_and_gives_nan():
+    logits = torch.randn(1, 3, 20, device=DEVICE)
+    labels = torch.tensor([[0, 25, -7]], device=DEVICE)
+    from unlearning_losses.ops import label_logprobs
+
+    valid = labels[:, 1:] != -100
+    out = label_logprobs(logits, labels[:, 1:], valid, backend="triton")
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("primitive", ["logprobs", "forward", "reverse"])
+def test_inplace_backward_writes_the_same_gradient_into_the_logits(backend, primitive):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 6, 37, generator=g).to(DEVICE)
+    ref_logits = torch.randn(2, 6, 37, generator=g).to(DEVICE)
+    labels = torch.randint(0, 37, (2, 6), generator=g).to(DEVICE)
+    labels[1, :2] = -100
+
+    def loss(x, inplace):
+        if primitive == "logprobs":
+            return token_logprobs(x, labels, backend=backend, inplace_backward=inplace).sum()
+        return kl_divergence(
+            x, ref_logits, labels, direction=primitive, backend=backend, inplace_backward=inplace
+        )
+
+    leaf = base.clone().requires_grad_(True)
+    loss(leaf, False).backward()
+    expected = leaf.grad
+
+    leaf = base.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf, as a model's output is
+    captured = {}
+    logits.register_hook(lambda grad: captured.setdefault("grad", grad))
+    loss(logits, True).backward()
+    assert captured["grad"].data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(leaf.grad, expected)

@@ -1,0 +1,229 @@
+"""Triton kernels for the per-token KL between two next-token distributions.
+
+One program per row of ``logits[:, :L]`` and ``ref_logits[:, :L]`` (strided, int64 offsets). With
+``log p = z - lse`` and ``sum p = 1``,
+
+    KL(P || Q) = sum_v p_v (z_v - z_ref_v) - lse + lse_ref,
+
+so the forward needs one pass over the vocabulary keeping, per lane, online maxima and sums for
+both log-sum-exps and the weighted sum of logit differences (rescaled as the maximum grows).
+``-inf`` entries (masked vocabulary) are floored at the lowest finite float32 so that a zero weight
+times their difference is 0; NaN stays NaN. The backward recomputes both softmaxes from the saved
+log-sum-exps in one pass:
+
+    d KL(P || Q) / d z_j = p_j (z_j - z_ref_j - lse + lse_ref - KL),   d KL(Q || P) / d z_j = p_j - q_j.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_common import block_size, launch_rows
+
+FLOOR = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
+
+
+@triton.jit
+def _floored(x):
+    return tl.where(x == float("-inf"), FLOOR, x)
+
+
+@triton.jit
+def _kl_forward_kernel(
+    logits_ptr,
+    ref_ptr,
+    valid_ptr,
+    out_ptr,
+    lse_ptr,
+    ref_lse_ptr,
+    length,
+    vocab,
+    stride_logits_b,
+    stride_logits_t,
+    stride_logits_v,
+    stride_ref_b,
+    stride_ref_t,
+    stride_ref_v,
+    FORWARD_KL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b, t = row // length, row % length
+    if tl.load(valid_ptr + row) == 0:
+        tl.store(out_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(ref_lse_ptr + row, 0.0)
+        return
+    base = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
+    offsets = tl.arange(0, BLOCK_V)
+    # Per lane: running maxima m, sums s of exp(z - m), and the weighted difference sum w, taken
+    # under the distribution that weights the KL (P for forward, Q for reverse).
+    m = tl.full([BLOCK_V], FLOOR, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    m_ref = tl.full([BLOCK_V], FLOOR, tl.float32)
+    s_ref = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        columns = start + offsets
+        in_vocab = columns < vocab
+        z = tl.load(
+            base + columns.to(tl.int64) * stride_logits_v, mask=in_vocab, other=float("-inf")
+        ).to(tl.float32)
+        z_ref = tl.load(
+            ref_base + columns.to(tl.int64) * stride_ref_v, mask=in_vocab, other=float("-inf")
+        ).to(tl.float32)
+        new_m = tl.maximum(m, z)
+        new_m_ref = tl.maximum(m_ref, z_ref)
+        rescale, rescale_ref = tl.exp(m - new_m), tl.exp(m_ref - new_m_ref)
+        # exp of the raw logits: -inf entries and lanes past V weigh exactly 0.
+        e, e_ref = tl.exp(z - new_m), tl.exp(z_ref - new_m_ref)
+        difference = _floored(z) - _floored(z_ref)
+        if FORWARD_KL:
+            w = w * rescale + e * difference
+        else:
+            w = w * rescale_ref - e_ref * difference
+        s = s * rescale + e
+        s_ref = s_ref * rescale_ref + e_ref
+        m, m_ref = new_m, new_m_ref
+    row_m, row_m_ref = tl.max(m, axis=0), tl.max(m_ref, axis=0)
+    lane_scale, lane_scale_ref = tl.exp(m - row_m), tl.exp(m_ref - row_m_ref)
+    total, total_ref = tl.sum(s * lane_scale, axis=0), tl.sum(s_ref * lane_scale_ref, axis=0)
+    lse = row_m + tl.log(total)
+    lse_ref = row_m_ref + tl.log(total_ref)
+    if FORWARD_KL:
+        kl = tl.sum(w * lane_scale, axis=0) / total - lse + lse_ref
+    else:
+        kl = tl.sum(w * lane_scale_ref, axis=0) / total_ref - lse_ref + lse
+    tl.store(out_ptr + row, kl)
+    tl.store(lse_ptr + row, lse)
+    tl.store(ref_lse_ptr + row, lse_ref)
+
+
+@triton.jit
+def _kl_backward_kernel(
+    grad_ptr,
+    logits_ptr,
+    ref_ptr,
+    valid_ptr,
+    lse_ptr,
+    ref_lse_ptr,
+    kl_ptr,
+    scale_ptr,
+    length,
+    vocab,
+    stride_logits_b,
+    stride_logits_t,
+    stride_logits_v,
+    stride_ref_b,
+    stride_ref_t,
+    stride_ref_v,
+    stride_grad_b,
+    stride_grad_t,
+    stride_grad_v,
+    FORWARD_KL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b, t = row // length, row % length
+    valid = tl.load(valid_ptr + row) != 0
+    base = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
+    grad_base = grad_ptr + b * stride_grad_b + t * stride_grad_t
+    offsets = tl.arange(0, BLOCK_V)
+    lse, lse_ref = tl.load(lse_ptr + row), tl.load(ref_lse_ptr + row)
+    offset = lse - lse_ref + tl.load(kl_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    for start in range(0, vocab, BLOCK_V):
+        columns = start + offsets
+        in_vocab = columns < vocab
+        if valid:
+            z = _floored(
+                tl.load(
+                    base + columns.to(tl.int64) * stride_logits_v,
+                    mask=in_vocab,
+                    other=float("-inf"),
+                ).to(tl.float32)
+            )
+            z_ref = _floored(
+                tl.load(
+                    ref_base + columns.to(tl.int64) * stride_ref_v,
+                    mask=in_vocab,
+                    other=float("-inf"),
+                ).to(tl.float32)
+            )
+            p = tl.exp(z - lse)
+            if FORWARD_KL:
+                grad = p * (z - z_ref - offset) * scale
+            else:
+                grad = (p - tl.exp(z_ref - lse_ref)) * scale
+        else:
+            grad = tl.zeros([BLOCK_V], tl.float32)
+        tl.store(
+            grad_base + columns.to(tl.int64) * stride_grad_v,
+            grad.to(grad_ptr.dtype.element_ty),
+            mask=in_vocab,
+        )
+
+
+def kl_forward(
+    logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token KL and both log-sum-exps, float32 ``(B, L)``; 0 where not valid."""
+    out = logits.new_empty(valid.shape, dtype=torch.float32)
+    lse, ref_lse = torch.empty_like(out), torch.empty_like(out)
+    launch_rows(
+        _kl_forward_kernel,
+        valid,
+        logits,
+        ref_logits,
+        valid.contiguous(),
+        out,
+        lse,
+        ref_lse,
+        valid.shape[1],
+        logits.shape[-1],
+        *logits.stride(),
+        *ref_logits.stride(),
+        FORWARD_KL=forward_kl,
+        BLOCK_V=block_size(logits.shape[-1]),
+    )
+    return out, lse, ref_lse
+
+
+def kl_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    ref_logits: Tensor,
+    valid: Tensor,
+    lse: Tensor,
+    ref_lse: Tensor,
+    kl: Tensor,
+    forward_kl: bool,
+    grad: Tensor,
+) -> None:
+    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    scale = grad_out.to(torch.float32).masked_fill(~valid, 0.0).contiguous()
+    grad[:, valid.shape[1] :].zero_()
+    launch_rows(
+        _kl_backward_kernel,
+        valid,
+        grad,
+        logits,
+        ref_logits,
+        valid.contiguous(),
+        lse,
+        ref_lse,
+        kl,
+        scale,
+        valid.shape[1],
+        logits.shape[-1],
+        *logits.stride(),
+        *ref_logits.stride(),
+        *grad.stride(),
+        FORWARD_KL=forward_kl,
+        BLOCK_V=block_size(logits.shape[-1]),
+    )
