@@ -11,15 +11,19 @@ from .losses.logprobs import token_logprobs
 from .losses.nll import ga_loss, nll_loss
 from .losses.npo import npo_loss
 from .losses.simnpo import simnpo_loss
+from .task_vector import apply_task_vector, negate_task_vector, task_vector
 
 __all__ = [
+    "apply_task_vector",
     "combine_with_retain",
     "ga_loss",
     "kl_divergence",
     "kl_loss",
+    "negate_task_vector",
     "nll_loss",
     "npo_loss",
     "simnpo_loss",
+    "task_vector",
     "token_logprobs",
 ]
 

@@ -1,0 +1,220 @@
+"""Task vectors over state dicts: theta_unlearned = theta_c - alpha * (theta_* - theta_c).
+
+theta_c is the model to clean and theta_* that model fine-tuned further on the forget set (Ilharco
+et al., 2023, "Editing Models with Task Arithmetic"; MUSE uses alpha = 5). Every result is
+computed tensor by tensor in float64, in bounded slices, and rounded once to the stored dtype, so
+it is the exact result correctly rounded. Integer and bool tensors (step counters, position ids)
+are never part of the arithmetic: they are copied when equal in both models, an error otherwise.
+Tensors that share storage (tied embeddings) are computed once and share storage in the result.
+Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+
+StateDict = Mapping[str, Tensor]
+
+#: Elements per float64 slice: bounds the temporary memory of one tensor's arithmetic.
+SLICE_ELEMENTS = 1 << 22
+
+
+def task_vector(base: StateDict | nn.Module, finetuned: StateDict | nn.Module) -> dict[str, Tensor]:
+    """The task vector ``finetuned - base`` of every floating tensor, in float32.
+
+    Args:
+        base: the model before fine-tuning (state dict or module).
+        finetuned: the same model fine-tuned further (same keys, shapes and float dtypes).
+
+    Returns:
+        ``{name: (finetuned - base).float()}`` for the floating tensors; integer and bool tensors
+        (which must be equal) are left out.
+
+    Raises:
+        ValueError: keys, shapes or integer tensors differ, or the vector is all zero.
+        TypeError: float dtypes differ.
+    """
+    base, finetuned = _state(base, "base"), _state(finetuned, "finetuned")
+    _check_compatible(base, finetuned, allow_dtype_mismatch=False)
+    vector = {
+        name: (finetuned[name].double() - tensor.double()).float()
+        for name, tensor in base.items()
+        if tensor.is_floating_point()
+    }
+    if all(not bool(v.any()) for v in vector.values()):
+        raise ValueError("finetuned equals base: the task vector is all zero")
+    return vector
+
+
+def apply_task_vector(
+    base: StateDict | nn.Module, vector: StateDict, scale: float
+) -> dict[str, Tensor]:
+    """``base + scale * vector`` for every floating tensor, rounded once to the base's dtype.
+
+    ``apply_task_vector(base, task_vector(base, finetuned), 1.0)`` gives back ``finetuned`` up to
+    the float32 rounding of the vector. Tensors absent from ``vector`` must be integer or bool and
+    are copied.
+    """
+    base = _state(base, "base")
+    scale = _checks.check_finite_number(scale, "scale")
+    missing = sorted(n for n, t in base.items() if t.is_floating_point() and n not in vector)
+    extra = sorted(set(vector) - set(base))
+    if missing or extra:
+        raise ValueError(
+            f"vector must have a tensor for every floating tensor of base; missing {missing}, "
+            f"unknown {extra}"
+        )
+    for name, delta in vector.items():
+        if tuple(delta.shape) != tuple(base[name].shape):
+            raise ValueError(
+                f"vector[{name!r}] must have shape {tuple(base[name].shape)}; got {tuple(delta.shape)}"
+            )
+    return _elementwise(base, lambda name, part, b: b + scale * _other(vector, name, part))
+
+
+def negate_task_vector(
+    base: StateDict | nn.Module,
+    finetuned: StateDict | nn.Module,
+    alpha: float,
+    *,
+    allow_dtype_mismatch: bool = False,
+) -> dict[str, Tensor]:
+    r"""The unlearned weights :math:`\theta_c - \alpha(\theta_* - \theta_c)`, tensor by tensor.
+
+    Never builds the difference dict: each result tensor is computed from the two inputs in
+    float64 slices and rounded once to the base's dtype.
+
+    Args:
+        base: :math:`\theta_c`, the model to clean (state dict or module).
+        finetuned: :math:`\theta_*`, that model fine-tuned further on the forget set.
+        alpha: the step, finite (MUSE uses 5; 0 gives back ``base``).
+        allow_dtype_mismatch: accept floating tensors whose dtypes differ (the result takes the
+            base's dtype).
+
+    Returns:
+        A new state dict with the keys of ``base``.
+
+    Raises:
+        ValueError: keys or shapes differ (a vocabulary mismatch names ``resize_token_embeddings``),
+            integer tensors differ, alpha or a result is not finite, or the task vector is all zero.
+        TypeError: float dtypes differ without ``allow_dtype_mismatch``.
+
+    Example:
+        >>> import torch
+        >>> base = {"w": torch.tensor([1.0, 2.0])}
+        >>> negate_task_vector(base, {"w": torch.tensor([1.5, 2.0])}, alpha=2.0)["w"]
+        tensor([0., 2.])
+    """
+    base, finetuned = _state(base, "base"), _state(finetuned, "finetuned")
+    alpha = _checks.check_finite_number(alpha, "alpha")
+    _check_compatible(base, finetuned, allow_dtype_mismatch=allow_dtype_mismatch)
+    if all(
+        torch.equal(t, finetuned[n].to(t.dtype)) for n, t in base.items() if t.is_floating_point()
+    ):
+        raise ValueError("finetuned equals base: the task vector is all zero")
+    return _elementwise(base, lambda name, part, b: b - alpha * (_other(finetuned, name, part) - b))
+
+
+def _state(model: StateDict | nn.Module, name: str) -> dict[str, Tensor]:
+    if isinstance(model, nn.Module):
+        return dict(model.state_dict())
+    if not isinstance(model, Mapping):
+        raise TypeError(f"{name} must be a state dict or an nn.Module; got {type(model).__name__}")
+    for key, value in model.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a torch.Tensor; got {type(value).__name__}")
+    return dict(model)
+
+
+def _check_compatible(
+    base: dict[str, Tensor], finetuned: dict[str, Tensor], *, allow_dtype_mismatch: bool
+) -> None:
+    """Report every mismatch between the two state dicts at once."""
+    problems = []
+    only_base, only_finetuned = (
+        sorted(set(base) - set(finetuned)),
+        sorted(set(finetuned) - set(base)),
+    )
+    if only_base:
+        problems.append(f"keys only in base: {only_base}")
+    if only_finetuned:
+        problems.append(f"keys only in finetuned: {only_finetuned}")
+    dtype_problems = []
+    for name in sorted(set(base) & set(finetuned)):
+        b, f = base[name], finetuned[name]
+        if b.shape != f.shape:
+            hint = (
+                " (a vocabulary-size mismatch: call resize_token_embeddings on one model first)"
+                if b.dim() >= 2 and b.shape[1:] == f.shape[1:]
+                else ""
+            )
+            problems.append(
+                f"{name!r} has shape {tuple(b.shape)} in base and {tuple(f.shape)} in finetuned{hint}"
+            )
+        elif b.is_floating_point() != f.is_floating_point():
+            problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
+        elif not b.is_floating_point() and not torch.equal(b, f):
+            problems.append(
+                f"{name!r} is an integer/bool tensor that differs between base and finetuned"
+            )
+        elif b.dtype != f.dtype and not allow_dtype_mismatch:
+            dtype_problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
+    if problems:
+        raise ValueError("base and finetuned do not match: " + "; ".join(problems))
+    if dtype_problems:
+        raise TypeError(
+            "base and finetuned float dtypes differ (pass allow_dtype_mismatch=True to accept): "
+            + "; ".join(dtype_problems)
+        )
+
+
+Formula = Callable[[str, slice, Tensor], Tensor]
+
+
+def _other(state: Mapping[str, Tensor], name: str, part: slice) -> Tensor:
+    """Elements ``part`` of the flattened ``state[name]``, in float64."""
+    return state[name].reshape(-1)[part].double()
+
+
+def _elementwise(base: dict[str, Tensor], formula: Formula) -> dict[str, Tensor]:
+    """Apply ``formula(name, part, base_part_float64)`` over slices of every floating tensor,
+    rounding once to the stored dtype; copy the others. Shared storage is computed once and stays
+    shared."""
+    result: dict[str, Tensor] = {}
+    computed: dict[tuple, Tensor] = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            result[name] = tensor.clone()
+            continue
+        alias = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if alias in computed:
+            result[name] = computed[alias]
+            continue
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        flat_in, flat_out = tensor.reshape(-1), out.view(-1)
+        limit = torch.finfo(tensor.dtype).max
+        for start in range(0, flat_in.numel(), SLICE_ELEMENTS):
+            part = slice(start, min(start + SLICE_ELEMENTS, flat_in.numel()))
+            values = formula(name, part, flat_in[part].double())
+            if not bool((values.abs() <= limit).all()):  # also false for NaN and inf
+                raise ValueError(
+                    f"the result for {name!r} is not finite in {tensor.dtype} (overflow or "
+                    "non-finite weights)"
+                )
+            flat_out[part] = values
+        computed[alias] = result[name] = out
+    return result
+
+
+__all__ = ["apply_task_vector", "negate_task_vector", "task_vector"]
