@@ -39,19 +39,47 @@ def _valid_spans(valid: Tensor) -> list[tuple[int, int]]:
     return [(lo, hi + 1) if hi >= 0 else (0, 0) for lo, hi in zip(first, last, strict=True)]
 
 
-def _row_chunks(spans: list[tuple[int, int]], vocab: int) -> Iterator[tuple[int, int, int]]:
-    """Yield (b, t0, t1) over the spans, ``CHUNK_BYTES`` of float32 at a time."""
+Group = tuple[int, int, int, int]  # batch rows [b0, b1) and time rows [start, stop)
+
+
+def _groups(valid: Tensor, vocab: int) -> list[Group]:
+    """Consecutive batch elements whose spans, united, fit one chunk together (short sequences);
+    a long sequence is a group of its own."""
     rows = max(1, CHUNK_BYTES // (4 * vocab))
-    for b, (start, stop) in enumerate(spans):
-        for t0 in range(start, stop, rows):
-            yield b, t0, min(t0 + rows, stop)
+    spans = _valid_spans(valid)
+    groups: list[Group] = []
+    b0 = 0
+    while b0 < len(spans):
+        start, stop = spans[b0]
+        b1 = b0 + 1
+        while b1 < len(spans):
+            lo, hi = spans[b1]
+            if hi <= lo:  # an empty span constrains nothing
+                lo, hi = start, stop
+            elif stop > start:
+                lo, hi = min(start, lo), max(stop, hi)
+            if (b1 + 1 - b0) * (hi - lo) > rows:
+                break
+            start, stop, b1 = lo, hi, b1 + 1
+        groups.append((b0, b1, start, stop))
+        b0 = b1
+    return groups
 
 
-def _zero_outside(grad: Tensor, spans: list[tuple[int, int]]) -> None:
-    """Zero the gradient rows that the chunk loop does not visit (prompt, padding, shifted-out)."""
-    for b, (start, stop) in enumerate(spans):
-        grad[b, :start].zero_()
-        grad[b, stop:].zero_()
+def _chunks(groups: list[Group], vocab: int) -> Iterator[tuple[slice, slice]]:
+    """Yield (batch slice, time slice) blocks of at most ``CHUNK_BYTES`` of float32 each."""
+    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    for b0, b1, start, stop in groups:
+        step = max(1, rows // (b1 - b0))
+        for t0 in range(start, stop, step):
+            yield slice(b0, b1), slice(t0, min(t0 + step, stop))
+
+
+def _zero_outside(grad: Tensor, groups: list[Group]) -> None:
+    """Zero the gradient rows that the chunks do not visit (prompt, padding, shifted-out)."""
+    for b0, b1, start, stop in groups:
+        grad[b0:b1, :start].zero_()
+        grad[b0:b1, stop:].zero_()
 
 
 def _chunk_workspace(out: Tensor, acc: torch.dtype) -> Tensor:
@@ -78,12 +106,12 @@ def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Te
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
     lse = torch.zeros_like(out)
     safe_targets = torch.where(valid, targets, 0)
-    for b, t0, t1 in _row_chunks(_valid_spans(valid), logits.shape[-1]):
-        x = logits[b, t0:t1].to(acc)
+    for b, t in _chunks(_groups(valid, logits.shape[-1]), logits.shape[-1]):
+        x = logits[b, t].to(acc)
         chunk_lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(1, safe_targets[b, t0:t1, None]).squeeze(1)
-        lse[b, t0:t1] = chunk_lse
-        out[b, t0:t1] = torch.where(valid[b, t0:t1], picked - chunk_lse, 0.0)
+        picked = x.gather(-1, safe_targets[b, t, None]).squeeze(-1)
+        lse[b, t] = chunk_lse
+        out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
     return out, lse
 
 
@@ -98,18 +126,18 @@ def logprobs_backward(
 ) -> None:
     """Write d(sum grad_out * log p) / d logits into ``grad`` (which may be ``logits`` itself)."""
     acc = logprobs.dtype
-    spans = _valid_spans(valid)
-    _zero_outside(grad, spans)
+    groups = _groups(valid, logits.shape[-1])
+    _zero_outside(grad, groups)
     safe_targets = torch.where(valid, targets, 0)
     neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
     # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed in
     # float32 (exact near p_y = 1) and rounded once.
     label_term = (neg_scale * torch.expm1(logprobs)).to(grad.dtype)
-    for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
-        probs = _chunk_workspace(grad[b, t0:t1], acc)
-        torch.sub(logits[b, t0:t1].to(acc), lse[b, t0:t1, None], out=probs).exp_()
-        torch.mul(probs, neg_scale[b, t0:t1, None], out=grad[b, t0:t1])
-        grad[b, t0:t1].scatter_(1, safe_targets[b, t0:t1, None], label_term[b, t0:t1, None])
+    for b, t in _chunks(groups, logits.shape[-1]):
+        probs = _chunk_workspace(grad[b, t], acc)
+        torch.sub(logits[b, t].to(acc), lse[b, t, None], out=probs).exp_()
+        torch.mul(probs, neg_scale[b, t, None], out=grad[b, t])
+        grad[b, t].scatter_(-1, safe_targets[b, t, None], label_term[b, t, None])
 
 
 def kl_forward(logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool) -> Tensor:
@@ -119,13 +147,13 @@ def kl_forward(logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bo
     """
     acc = accumulation_dtype(logits.dtype)
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-    for b, t0, t1 in _row_chunks(_valid_spans(valid), logits.shape[-1]):
-        logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
-        logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
+    for b, t in _chunks(_groups(valid, logits.shape[-1]), logits.shape[-1]):
+        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
+        logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
         first, second = (logp, logq) if forward_kl else (logq, logp)
         weight = first.exp()
         kl = (weight * _log_ratio(first, second)).sum(-1)
-        out[b, t0:t1] = torch.where(valid[b, t0:t1], kl, 0.0)
+        out[b, t] = torch.where(valid[b, t], kl, 0.0)
     return out
 
 
@@ -140,18 +168,18 @@ def kl_backward(
 ) -> None:
     """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
     acc = kl.dtype
-    spans = _valid_spans(valid)
-    _zero_outside(grad, spans)
+    groups = _groups(valid, logits.shape[-1])
+    _zero_outside(grad, groups)
     scale = torch.where(valid, grad_out.to(acc), 0.0)
-    for b, t0, t1 in _row_chunks(spans, logits.shape[-1]):
+    for b, t in _chunks(groups, logits.shape[-1]):
         if forward_kl:
             # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-            logp = torch.log_softmax(logits[b, t0:t1], -1, dtype=acc)
+            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
             probs = logp.exp()
-            logq = torch.log_softmax(ref_logits[b, t0:t1], -1, dtype=acc)
-            inner = _log_ratio(logp, logq).sub_(kl[b, t0:t1, None]).mul_(probs)
+            logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
+            inner = _log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
         else:
             # d KL(Q||P) / d z_j = p_j - q_j
-            inner = torch.softmax(logits[b, t0:t1], -1, dtype=acc)
-            inner.sub_(torch.softmax(ref_logits[b, t0:t1], -1, dtype=acc))
-        torch.mul(inner, scale[b, t0:t1, None], out=grad[b, t0:t1])
+            inner = torch.softmax(logits[b, t], -1, dtype=acc)
+            inner.sub_(torch.softmax(ref_logits[b, t], -1, dtype=acc))
+        torch.mul(inner, scale[b, t, None], out=grad[b, t])
