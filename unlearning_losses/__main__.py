@@ -1,20 +1,59 @@
-"""Command line: ``python -m unlearning_losses demo [options]``."""
+"""Command line: ``python -m unlearning_losses demo`` and ``... task-vector``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import torch
 
 from .demo import run as demo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="unlearning-losses", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="train a small model, unlearn, compare methods")
-    demo.add_arguments(demo_parser)
+    demo.add_arguments(
+        commands.add_parser("demo", help="train a small model, unlearn, compare the methods")
+    )
+    vector = commands.add_parser(
+        "task-vector",
+        help="write base - alpha * (finetuned - base) from two checkpoint folders",
+    )
+    vector.add_argument("--base", type=Path, required=True, help="the model to clean")
+    vector.add_argument(
+        "--finetuned",
+        type=Path,
+        required=True,
+        help="that model fine-tuned further on the forget set",
+    )
+    vector.add_argument("--alpha", type=float, required=True, help="the step (MUSE uses 5)")
+    vector.add_argument("--out", type=Path, required=True)
+    vector.add_argument("--max-shard-size", default="5GB")
+    vector.add_argument("--out-dtype", choices=sorted(DTYPES))
+    vector.add_argument("--allow-dtype-mismatch", action="store_true")
+    vector.add_argument("--overwrite", action="store_true")
+    vector.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo.run(args)
+    else:
+        from .checkpoint import negate_task_vector_checkpoint
+
+        report = negate_task_vector_checkpoint(
+            args.base,
+            args.finetuned,
+            args.out,
+            args.alpha,
+            max_shard_size=args.max_shard_size,
+            out_dtype=DTYPES.get(args.out_dtype),
+            allow_dtype_mismatch=args.allow_dtype_mismatch,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote {args.out}: {report.summary()}")
 
 
 if __name__ == "__main__":

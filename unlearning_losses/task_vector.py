@@ -21,7 +21,7 @@ from . import _checks
 StateDict = Mapping[str, Tensor]
 
 #: Elements per float64 slice: bounds the temporary memory of one tensor's arithmetic.
-SLICE_ELEMENTS = 1 << 22
+SLICE_ELEMENTS = 1 << 20
 
 
 def task_vector(base: StateDict | nn.Module, finetuned: StateDict | nn.Module) -> dict[str, Tensor]:
@@ -181,39 +181,60 @@ def _other(state: Mapping[str, Tensor], name: str, part: slice) -> Tensor:
     return state[name].reshape(-1)[part].double()
 
 
+def combine_tensor(
+    name: str,
+    tensor: Tensor,
+    formula: Callable[[slice, Tensor], Tensor],
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``formula(part, tensor_part_float64)`` over float64 slices of the flattened ``tensor``,
+    rounded once to ``out_dtype`` (default: the tensor's dtype).
+
+    Raises:
+        ValueError: a result is NaN, infinite or beyond the range of ``out_dtype`` (named).
+    """
+    out_dtype = out_dtype or tensor.dtype
+    out = torch.empty(tensor.shape, dtype=out_dtype, device=tensor.device)
+    flat_in, flat_out = tensor.reshape(-1), out.view(-1)
+    limit = torch.finfo(out_dtype).max
+    for start in range(0, flat_in.numel(), SLICE_ELEMENTS):
+        part = slice(start, min(start + SLICE_ELEMENTS, flat_in.numel()))
+        values = formula(part, flat_in[part].double())
+        if not bool((values.abs() <= limit).all()):  # also false for NaN and inf
+            raise ValueError(
+                f"the result for {name!r} is not finite in {out_dtype} (overflow or non-finite "
+                "weights)"
+            )
+        flat_out[part] = values
+    return out
+
+
+def storage_key(tensor: Tensor) -> tuple:
+    """Equal for tensors that are the same view of the same storage (tied weights)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
 def _elementwise(base: dict[str, Tensor], formula: Formula) -> dict[str, Tensor]:
-    """Apply ``formula(name, part, base_part_float64)`` over slices of every floating tensor,
-    rounding once to the stored dtype; copy the others. Shared storage is computed once and stays
-    shared."""
+    """Apply ``formula`` to every floating tensor (see :func:`combine_tensor`); copy the others.
+    Shared storage is computed once and stays shared."""
     result: dict[str, Tensor] = {}
     computed: dict[tuple, Tensor] = {}
     for name, tensor in base.items():
         if not tensor.is_floating_point():
             result[name] = tensor.clone()
             continue
-        alias = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-        )
-        if alias in computed:
-            result[name] = computed[alias]
-            continue
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        flat_in, flat_out = tensor.reshape(-1), out.view(-1)
-        limit = torch.finfo(tensor.dtype).max
-        for start in range(0, flat_in.numel(), SLICE_ELEMENTS):
-            part = slice(start, min(start + SLICE_ELEMENTS, flat_in.numel()))
-            values = formula(name, part, flat_in[part].double())
-            if not bool((values.abs() <= limit).all()):  # also false for NaN and inf
-                raise ValueError(
-                    f"the result for {name!r} is not finite in {tensor.dtype} (overflow or "
-                    "non-finite weights)"
-                )
-            flat_out[part] = values
-        computed[alias] = result[name] = out
+        key = storage_key(tensor)
+        if key not in computed:
+            computed[key] = combine_tensor(
+                name, tensor, lambda part, b, name=name: formula(name, part, b)
+            )
+        result[name] = computed[key]
     return result
 
 
