@@ -260,8 +260,10 @@ def _negated(
 
     def formula(part: slice, b_part: Tensor) -> Tensor:
         delta = flat_f[part].double() - b_part
-        report.squared_norm += float(delta.square().sum())
-        report.max_abs = max(report.max_abs, float(delta.abs().max()) if delta.numel() else 0.0)
+        if delta.numel():
+            low, high = torch.aminmax(delta)
+            report.squared_norm += float(torch.dot(delta, delta))
+            report.max_abs = max(report.max_abs, float(-low), float(high))
         return b_part - alpha * delta
 
     report.changed += 1
