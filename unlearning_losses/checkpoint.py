@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import _checks
-from .task_vector import combine_tensor, storage_key
+from .task_vector import check_headers, combine_tensor, storage_key
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -187,7 +187,11 @@ def negate_task_vector_checkpoint(
     _check_output(out_dir, (base_dir, finetuned_dir), overwrite)
     base_ckpt = CheckpointReader(base_dir, "base")
     finetuned_ckpt = CheckpointReader(finetuned_dir, "finetuned")
-    _check_headers(base_ckpt.headers, finetuned_ckpt.headers, allow_dtype_mismatch)
+    check_headers(
+        {n: (h.shape, h.dtype) for n, h in base_ckpt.headers.items()},
+        {n: (h.shape, h.dtype) for n, h in finetuned_ckpt.headers.items()},
+        allow_dtype_mismatch=allow_dtype_mismatch,
+    )
     tied = base_ckpt.tied_to()
     names = [n for n in base_ckpt.files if n not in tied]
     dtypes = {n: _output_dtype(base_ckpt.headers[n].dtype, out_dtype) for n in names}
@@ -278,43 +282,6 @@ def _check_output(out: Path, inputs: tuple[Path, Path], overwrite: bool) -> None
             raise ValueError(f"out must not be, contain or lie inside {argument}; got {str(out)!r}")
     if out.exists() and not overwrite:
         raise ValueError(f"out already exists: {str(out)!r} (pass overwrite=True to replace it)")
-
-
-def _check_headers(
-    base: dict[str, Header], finetuned: dict[str, Header], allow_dtype_mismatch: bool
-) -> None:
-    """Every mismatch between the two checkpoints, reported at once."""
-    problems, dtype_problems = [], []
-    only_base, only_finetuned = (
-        sorted(set(base) - set(finetuned)),
-        sorted(set(finetuned) - set(base)),
-    )
-    if only_base:
-        problems.append(f"keys only in base: {only_base}")
-    if only_finetuned:
-        problems.append(f"keys only in finetuned: {only_finetuned}")
-    for name in sorted(set(base) & set(finetuned)):
-        b, f = base[name], finetuned[name]
-        if b.shape != f.shape:
-            hint = (
-                " (a vocabulary-size mismatch: call resize_token_embeddings on one model first)"
-                if len(b.shape) >= 2 and b.shape[1:] == f.shape[1:]
-                else ""
-            )
-            problems.append(
-                f"{name!r} has shape {b.shape} in base and {f.shape} in finetuned{hint}"
-            )
-        elif b.dtype.is_floating_point != f.dtype.is_floating_point:
-            problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
-        elif b.dtype != f.dtype and not allow_dtype_mismatch:
-            dtype_problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
-    if problems:
-        raise ValueError("base and finetuned do not match: " + "; ".join(problems))
-    if dtype_problems:
-        raise TypeError(
-            "base and finetuned float dtypes differ (pass allow_dtype_mismatch=True "
-            "to accept): " + "; ".join(dtype_problems)
-        )
 
 
 def _output_dtype(stored: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:

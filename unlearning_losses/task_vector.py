@@ -131,10 +131,20 @@ def _state(model: StateDict | nn.Module, name: str) -> dict[str, Tensor]:
     return dict(model)
 
 
-def _check_compatible(
-    base: dict[str, Tensor], finetuned: dict[str, Tensor], *, allow_dtype_mismatch: bool
+Header = tuple[tuple[int, ...], torch.dtype]
+
+
+def check_headers(
+    base: Mapping[str, Header],
+    finetuned: Mapping[str, Header],
+    *,
+    allow_dtype_mismatch: bool,
+    differing_integers: tuple[str, ...] = (),
 ) -> None:
-    """Report every mismatch between the two state dicts at once."""
+    """Report every mismatch between two models' (shape, dtype) headers at once.
+
+    ``differing_integers`` names integer/bool tensors already known to differ in value.
+    """
     problems = []
     only_base, only_finetuned = (
         sorted(set(base) - set(finetuned)),
@@ -146,24 +156,24 @@ def _check_compatible(
         problems.append(f"keys only in finetuned: {only_finetuned}")
     dtype_problems = []
     for name in sorted(set(base) & set(finetuned)):
-        b, f = base[name], finetuned[name]
-        if b.shape != f.shape:
+        (b_shape, b_dtype), (f_shape, f_dtype) = base[name], finetuned[name]
+        if b_shape != f_shape:
             hint = (
                 " (a vocabulary-size mismatch: call resize_token_embeddings on one model first)"
-                if b.dim() >= 2 and b.shape[1:] == f.shape[1:]
+                if len(b_shape) >= 2 and b_shape[1:] == f_shape[1:]
                 else ""
             )
             problems.append(
-                f"{name!r} has shape {tuple(b.shape)} in base and {tuple(f.shape)} in finetuned{hint}"
+                f"{name!r} has shape {b_shape} in base and {f_shape} in finetuned{hint}"
             )
-        elif b.is_floating_point() != f.is_floating_point():
-            problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
-        elif not b.is_floating_point() and not torch.equal(b, f):
+        elif b_dtype.is_floating_point != f_dtype.is_floating_point:
+            problems.append(f"{name!r} is {b_dtype} in base and {f_dtype} in finetuned")
+        elif name in differing_integers:
             problems.append(
                 f"{name!r} is an integer/bool tensor that differs between base and finetuned"
             )
-        elif b.dtype != f.dtype and not allow_dtype_mismatch:
-            dtype_problems.append(f"{name!r} is {b.dtype} in base and {f.dtype} in finetuned")
+        elif b_dtype != f_dtype and not allow_dtype_mismatch:
+            dtype_problems.append(f"{name!r} is {b_dtype} in base and {f_dtype} in finetuned")
     if problems:
         raise ValueError("base and finetuned do not match: " + "; ".join(problems))
     if dtype_problems:
@@ -171,6 +181,28 @@ def _check_compatible(
             "base and finetuned float dtypes differ (pass allow_dtype_mismatch=True to accept): "
             + "; ".join(dtype_problems)
         )
+
+
+def _check_compatible(
+    base: dict[str, Tensor], finetuned: dict[str, Tensor], *, allow_dtype_mismatch: bool
+) -> None:
+    def headers(state: dict[str, Tensor]) -> dict[str, Header]:
+        return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+
+    differing = tuple(
+        name
+        for name, b in base.items()
+        if name in finetuned
+        and not b.is_floating_point()
+        and b.shape == finetuned[name].shape
+        and not torch.equal(b, finetuned[name])
+    )
+    check_headers(
+        headers(base),
+        headers(finetuned),
+        allow_dtype_mismatch=allow_dtype_mismatch,
+        differing_integers=differing,
+    )
 
 
 Formula = Callable[[str, slice, Tensor], Tensor]
