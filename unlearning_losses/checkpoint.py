@@ -2,10 +2,11 @@
 
 ``negate_task_vector_checkpoint`` reads the two folders' headers, checks every key, shape and dtype
 (reporting all problems at once), then computes the result tensor by tensor from memory-mapped
-reads, buffers one output shard at a time, and writes into a temporary folder beside ``out`` that is
-renamed into place only at the end: an interrupted run leaves no ``out`` and never touches the
-inputs. Inputs: single or sharded safetensors (``model.safetensors.index.json``), or pickled
-``.bin`` files (read with ``weights_only=True``). Output: safetensors.
+reads and writes each one to its shard as soon as it is computed (memory holds a few tensors,
+never a shard), into a temporary folder beside ``out`` that is renamed into place only at the end:
+an interrupted run leaves no ``out`` and never touches the inputs. Inputs: single or sharded
+safetensors (``model.safetensors.index.json``), or pickled ``.bin`` files (read with
+``weights_only=True``). Output: safetensors.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -167,8 +169,7 @@ def negate_task_vector_checkpoint(
         finetuned: folder of :math:`\theta_*`, that model fine-tuned further on the forget set.
         out: the folder to create (safetensors shards, index, the base's config and tokenizer).
         alpha: the step, finite (MUSE uses 5).
-        max_shard_size: bytes of one output shard (``"5GB"``, ``"500MB"`` or an int); also the
-            most output that is held in memory at once.
+        max_shard_size: bytes of one output shard (``"5GB"``, ``"500MB"`` or an int).
         out_dtype: round floating results to this dtype instead of the stored one.
         allow_dtype_mismatch: accept floating tensors whose dtypes differ between the folders.
         overwrite: replace an existing ``out`` (never an input folder).
@@ -213,22 +214,22 @@ def negate_task_vector_checkpoint(
     try:
         with tqdm(total=len(names), desc="task vector", unit="tensor", disable=not progress) as bar:
             weight_map = {}
+
+            def produce(name: str) -> Tensor:
+                result = _negated(name, base_ckpt, finetuned_ckpt, alpha, dtypes[name], report)
+                bar.update()
+                return result
+
             for number, shard in enumerate(plan, start=1):
                 file = (
                     f"model-{number:05d}-of-{len(plan):05d}.safetensors"
                     if len(plan) > 1
                     else "model.safetensors"
                 )
-                buffer = {}
-                for name in shard:
-                    buffer[name] = _negated(
-                        name, base_ckpt, finetuned_ckpt, alpha, dtypes[name], report
-                    )
-                    weight_map[name] = file
-                    bar.update()
-                save_file(buffer, staging / file, metadata=metadata)
+                headers = {n: Header(base_ckpt.headers[n].shape, dtypes[n]) for n in shard}
+                write_safetensors(staging / file, headers, produce, metadata)
+                weight_map.update(dict.fromkeys(shard, file))
                 report.shards.append(file)
-                del buffer
             if report.changed and report.max_abs == 0.0:
                 raise ValueError("finetuned equals base: the task vector is all zero")
             if len(plan) > 1:
@@ -241,6 +242,39 @@ def negate_task_vector_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def write_safetensors(
+    path: Path,
+    headers: dict[str, Header],
+    produce: Callable[[str], Tensor],
+    metadata: dict[str, str],
+) -> None:
+    """Write a safetensors file whose tensors are produced one at a time, in ``headers``' order.
+
+    The header is known in advance (shapes and dtypes), so each tensor's bytes go straight to the
+    file and are dropped: memory holds one tensor, not the shard.
+    """
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, h in headers.items():
+        header[name] = {
+            "dtype": codes[h.dtype],
+            "shape": list(h.shape),
+            "data_offsets": [offset, offset + h.nbytes],
+        }
+        offset += h.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, h in headers.items():
+            tensor = produce(name)
+            if tuple(tensor.shape) != h.shape or tensor.dtype != h.dtype:
+                raise AssertionError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _negated(
