@@ -7,6 +7,15 @@ Face causal-LM convention and work in any training loop.
 
 from .losses.combine import combine_with_retain
 from .losses.kl import kl_divergence, kl_loss
+from .losses.linear import (
+    linear_ga_loss,
+    linear_kl_divergence,
+    linear_kl_loss,
+    linear_nll_loss,
+    linear_npo_loss,
+    linear_simnpo_loss,
+    linear_token_logprobs,
+)
 from .losses.logprobs import token_logprobs
 from .losses.nll import ga_loss, nll_loss
 from .losses.npo import npo_loss
@@ -19,6 +28,13 @@ __all__ = [
     "ga_loss",
     "kl_divergence",
     "kl_loss",
+    "linear_ga_loss",
+    "linear_kl_divergence",
+    "linear_kl_loss",
+    "linear_nll_loss",
+    "linear_npo_loss",
+    "linear_simnpo_loss",
+    "linear_token_logprobs",
     "negate_task_vector",
     "nll_loss",
     "npo_loss",

@@ -31,27 +31,30 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {logits.dtype}")
     if logits.dim() not in (2, 3):
+        axis = "H" if "hidden" in name else "V"
         raise ValueError(
-            f"{name} must have shape (B, T, V) or (N, V); got {logits.dim()} dimensions "
-            f"{_shape(logits)}"
+            f"{name} must have shape (B, T, {axis}) or (N, {axis}); got {logits.dim()} "
+            f"dimensions {_shape(logits)}"
         )
     if logits.shape[-1] < 1:
         raise ValueError(f"{name} must have a vocabulary size of at least 1; got {_shape(logits)}")
     return logits
 
 
-def check_labels(labels: object, logits: Tensor, name: str = "labels") -> Tensor:
-    """Labels are an integer tensor shaped like logits without the vocabulary axis."""
+def check_labels(
+    labels: object, logits: Tensor, name: str = "labels", ref_name: str = "logits"
+) -> Tensor:
+    """Labels are an integer tensor shaped like logits (or hidden states) without the last axis."""
     labels = check_tensor(labels, name)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor; got {labels.dtype}")
     expected = _shape(logits)[:-1]
     if _shape(labels) != expected:
         raise ValueError(
-            f"{name} must have shape {expected} to match logits {_shape(logits)}; "
+            f"{name} must have shape {expected} to match {ref_name} {_shape(logits)}; "
             f"got {_shape(labels)}"
         )
-    check_same_device(labels, logits, name)
+    check_same_device(labels, logits, name, ref_name)
     return labels
 
 
@@ -164,3 +167,33 @@ def check_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     return value
+
+
+def check_head(
+    weight: object, bias: object, hidden: Tensor, name: str = "weight", bias_name: str = "bias"
+) -> tuple[Tensor, Tensor | None]:
+    """An output head: ``weight (V, H)`` and optional ``bias (V,)`` matching ``hidden (..., H)``."""
+    weight = check_tensor(weight, name)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name} must have dtype {hidden.dtype} to match hidden; got {weight.dtype}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"{name} must have shape (V, {hidden.shape[-1]}) to match hidden {_shape(hidden)}; "
+            f"got {_shape(weight)}"
+        )
+    check_same_device(weight, hidden, name, "hidden")
+    if bias is not None:
+        bias = check_tensor(bias, bias_name)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(
+                f"{bias_name} must have dtype {hidden.dtype} to match hidden; got {bias.dtype}"
+            )
+        if _shape(bias) != (weight.shape[0],):
+            raise ValueError(
+                f"{bias_name} must have shape ({weight.shape[0]},) to match {name}; "
+                f"got {_shape(bias)}"
+            )
+        check_same_device(bias, hidden, bias_name, "hidden")
+    return weight, bias

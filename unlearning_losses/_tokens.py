@@ -41,13 +41,20 @@ def align(
     shift: bool,
     backend: str,
     validate: bool = False,
+    name: str = "logits",
+    vocab_size: int | None = None,
 ) -> Tokens:
-    """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1)."""
-    logits = _checks.check_logits(logits)
-    labels = _checks.check_labels(labels, logits)
+    """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1).
+
+    For the fused-linear losses ``logits`` is the hidden states (``name="hidden"``) and
+    ``vocab_size`` comes from the head.
+    """
+    logits = _checks.check_logits(logits, name)
+    labels = _checks.check_labels(labels, logits, ref_name=name)
     _checks.check_int(ignore_index, "ignore_index")
     _checks.check_choice(backend, BACKENDS, "backend")
-    _checks.check_label_range(labels, logits.shape[-1], ignore_index, validate)
+    vocab = logits.shape[-1] if vocab_size is None else vocab_size
+    _checks.check_label_range(labels, vocab, ignore_index, validate)
     flat = logits.dim() == 2
     if flat:
         logits, labels, shift = logits.unsqueeze(0), labels.unsqueeze(0), False

@@ -103,17 +103,25 @@ def npo_loss(
         backend=backend,
         inplace_backward=inplace_backward,
     )
-    log_ratio = (logprobs - ref.to(logprobs.dtype)).masked_fill(~tokens.valid, 0.0)
+    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction)
+    return tokens.unflatten(result) if granularity == "token" else result
+
+
+def npo_from_logprobs(
+    logprobs: Tensor, ref: Tensor, valid: Tensor, beta: float, granularity: str, reduction: str
+) -> Tensor:
+    """NPO of per-token model and reference log-probs ``(B, L)`` (see :func:`npo_loss`)."""
+    log_ratio = (logprobs - ref.to(logprobs.dtype)).masked_fill(~valid, 0.0)
 
     def npo(delta: Tensor) -> Tensor:
         return F.softplus(beta * delta) * (2.0 / beta)
 
     if granularity == "token":
-        return tokens.unflatten(token_reduce(npo(log_ratio), tokens.valid, reduction))
+        return token_reduce(npo(log_ratio), valid, reduction)
     if granularity == "batch":
-        count = tokens.valid.sum()
+        count = valid.sum()
         delta = log_ratio.sum() / count.clamp(min=1)
         return torch.where(count > 0, npo(delta), 0.0)
-    sums, counts = sequence_sums(log_ratio, tokens.valid)
+    sums, counts = sequence_sums(log_ratio, valid)
     delta = sums if granularity == "sequence" else sums / counts.clamp(min=1)
     return sequence_reduce(npo(delta), counts > 0, reduction)

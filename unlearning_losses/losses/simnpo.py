@@ -55,7 +55,14 @@ def simnpo_loss(
         backend=backend,
         inplace_backward=inplace_backward,
     )
-    sums, counts = sequence_sums(logprobs, tokens.valid)
+    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction)
+
+
+def simnpo_from_logprobs(
+    logprobs: Tensor, valid: Tensor, beta: float, delta: float, reduction: str
+) -> Tensor:
+    """SimNPO of per-token log-probs ``(B, L)`` (see :func:`simnpo_loss`)."""
+    sums, counts = sequence_sums(logprobs, valid)
     mean_nll = -sums / counts.clamp(min=1)
     per_sequence = F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)
     return sequence_reduce(per_sequence, counts > 0, reduction)

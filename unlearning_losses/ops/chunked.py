@@ -24,7 +24,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _valid_spans(valid: Tensor) -> list[tuple[int, int]]:
+def valid_spans(valid: Tensor) -> list[tuple[int, int]]:
     """Per batch element, the rows to visit: from the first to the last valid one.
 
     On the CPU, where reading the mask costs no device sync, leading and trailing rows without a
@@ -42,11 +42,12 @@ def _valid_spans(valid: Tensor) -> list[tuple[int, int]]:
 Group = tuple[int, int, int, int]  # batch rows [b0, b1) and time rows [start, stop)
 
 
-def _groups(valid: Tensor, vocab: int) -> list[Group]:
+def row_groups(valid: Tensor, vocab: int, budget: int | None = None) -> list[Group]:
     """Consecutive batch elements whose spans, united, fit one chunk together (short sequences);
-    a long sequence is a group of its own."""
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
-    spans = _valid_spans(valid)
+    a long sequence is a group of its own. A chunk is ``budget`` bytes of float32 rows of ``vocab``
+    (default ``CHUNK_BYTES``)."""
+    rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+    spans = valid_spans(valid)
     groups: list[Group] = []
     b0 = 0
     while b0 < len(spans):
@@ -66,16 +67,18 @@ def _groups(valid: Tensor, vocab: int) -> list[Group]:
     return groups
 
 
-def _chunks(groups: list[Group], vocab: int) -> Iterator[tuple[slice, slice]]:
-    """Yield (batch slice, time slice) blocks of at most ``CHUNK_BYTES`` of float32 each."""
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
+def row_chunks(
+    groups: list[Group], vocab: int, budget: int | None = None
+) -> Iterator[tuple[slice, slice]]:
+    """Yield (batch slice, time slice) blocks of at most ``budget`` bytes of float32 rows."""
+    rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
     for b0, b1, start, stop in groups:
         step = max(1, rows // (b1 - b0))
         for t0 in range(start, stop, step):
             yield slice(b0, b1), slice(t0, min(t0 + step, stop))
 
 
-def _zero_outside(grad: Tensor, groups: list[Group]) -> None:
+def zero_outside(grad: Tensor, groups: list[Group]) -> None:
     """Zero the gradient rows that the chunks do not visit (prompt, padding, shifted-out)."""
     for b0, b1, start, stop in groups:
         grad[b0:b1, :start].zero_()
@@ -87,7 +90,7 @@ def _chunk_workspace(out: Tensor, acc: torch.dtype) -> Tensor:
     return out if out.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
 
 
-def _log_ratio(first: Tensor, second: Tensor) -> Tensor:
+def log_ratio(first: Tensor, second: Tensor) -> Tensor:
     """``first - second`` of two log-probability chunks, finite where -inf entries meet.
 
     Such an entry has probability 0 on the side that weights it, so ``0 * ratio`` must be 0, not
@@ -106,7 +109,7 @@ def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Te
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
     lse = torch.zeros_like(out)
     safe_targets = torch.where(valid, targets, 0)
-    for b, t in _chunks(_groups(valid, logits.shape[-1]), logits.shape[-1]):
+    for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
         x = logits[b, t].to(acc)
         chunk_lse = torch.logsumexp(x, dim=-1)
         picked = x.gather(-1, safe_targets[b, t, None]).squeeze(-1)
@@ -126,14 +129,14 @@ def logprobs_backward(
 ) -> None:
     """Write d(sum grad_out * log p) / d logits into ``grad`` (which may be ``logits`` itself)."""
     acc = logprobs.dtype
-    groups = _groups(valid, logits.shape[-1])
-    _zero_outside(grad, groups)
+    groups = row_groups(valid, logits.shape[-1])
+    zero_outside(grad, groups)
     safe_targets = torch.where(valid, targets, 0)
     neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
     # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed in
     # float32 (exact near p_y = 1) and rounded once.
     label_term = (neg_scale * torch.expm1(logprobs)).to(grad.dtype)
-    for b, t in _chunks(groups, logits.shape[-1]):
+    for b, t in row_chunks(groups, logits.shape[-1]):
         probs = _chunk_workspace(grad[b, t], acc)
         torch.sub(logits[b, t].to(acc), lse[b, t, None], out=probs).exp_()
         torch.mul(probs, neg_scale[b, t, None], out=grad[b, t])
@@ -147,12 +150,12 @@ def kl_forward(logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bo
     """
     acc = accumulation_dtype(logits.dtype)
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-    for b, t in _chunks(_groups(valid, logits.shape[-1]), logits.shape[-1]):
+    for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
         logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
         logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
         first, second = (logp, logq) if forward_kl else (logq, logp)
         weight = first.exp()
-        kl = (weight * _log_ratio(first, second)).sum(-1)
+        kl = (weight * log_ratio(first, second)).sum(-1)
         out[b, t] = torch.where(valid[b, t], kl, 0.0)
     return out
 
@@ -168,16 +171,16 @@ def kl_backward(
 ) -> None:
     """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
     acc = kl.dtype
-    groups = _groups(valid, logits.shape[-1])
-    _zero_outside(grad, groups)
+    groups = row_groups(valid, logits.shape[-1])
+    zero_outside(grad, groups)
     scale = torch.where(valid, grad_out.to(acc), 0.0)
-    for b, t in _chunks(groups, logits.shape[-1]):
+    for b, t in row_chunks(groups, logits.shape[-1]):
         if forward_kl:
             # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
             logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
             probs = logp.exp()
             logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
-            inner = _log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
+            inner = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
         else:
             # d KL(Q||P) / d z_j = p_j - q_j
             inner = torch.softmax(logits[b, t], -1, dtype=acc)

@@ -1,0 +1,228 @@
+"""The fused-linear losses equal their logits versions on ``hidden @ weight.T + bias``."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import unlearning_losses as ul
+
+LOSSES = ["token_logprobs", "ga", "nll", "npo", "npo_token", "simnpo", "kl", "kl_reverse", "kl_all"]
+
+
+def _pair(name, ref_hidden, labels, chunk_rows):
+    """(fused-linear call, logits-version call) of one loss, as functions of (h, W, b)."""
+    opts = {"chunk_rows": chunk_rows}
+
+    def ref_logits(W, b):
+        return F.linear(ref_hidden, W, b).detach()
+
+    return {
+        "token_logprobs": (
+            lambda h, W, b: ul.linear_token_logprobs(h, W, labels, bias=b, **opts),
+            lambda z, W, b: ul.token_logprobs(z, labels),
+        ),
+        "ga": (
+            lambda h, W, b: ul.linear_ga_loss(h, W, labels, bias=b, **opts),
+            lambda z, W, b: ul.ga_loss(z, labels),
+        ),
+        "nll": (
+            lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b, reduction="none", **opts),
+            lambda z, W, b: ul.nll_loss(z, labels, reduction="none"),
+        ),
+        "npo": (
+            lambda h, W, b: ul.linear_npo_loss(
+                h, W, labels, bias=b, ref_hidden=ref_hidden, ref_bias=b.detach(), beta=0.5, **opts
+            ),
+            lambda z, W, b: ul.npo_loss(z, labels, ref_logits=ref_logits(W, b), beta=0.5),
+        ),
+        "npo_token": (
+            lambda h, W, b: ul.linear_npo_loss(
+                h,
+                W,
+                labels,
+                bias=b,
+                ref_hidden=ref_hidden,
+                ref_bias=b.detach(),
+                granularity="token",
+                reduction="none",
+                **opts,
+            ),
+            lambda z, W, b: ul.npo_loss(
+                z, labels, ref_logits=ref_logits(W, b), granularity="token", reduction="none"
+            ),
+        ),
+        "simnpo": (
+            lambda h, W, b: ul.linear_simnpo_loss(h, W, labels, bias=b, reduction="none", **opts),
+            lambda z, W, b: ul.simnpo_loss(z, labels, reduction="none"),
+        ),
+        "kl": (
+            lambda h, W, b: ul.linear_kl_divergence(
+                h, W, ref_hidden, labels=labels, bias=b, ref_bias=b.detach(), **opts
+            ),
+            lambda z, W, b: ul.kl_divergence(z, ref_logits(W, b), labels),
+        ),
+        "kl_reverse": (
+            lambda h, W, b: ul.linear_kl_loss(
+                h,
+                W,
+                ref_hidden,
+                labels=labels,
+                bias=b,
+                ref_bias=b.detach(),
+                direction="reverse",
+                **opts,
+            ),
+            lambda z, W, b: ul.kl_loss(z, ref_logits(W, b), labels, direction="reverse"),
+        ),
+        "kl_all": (
+            lambda h, W, b: ul.linear_kl_divergence(
+                h, W, ref_hidden, bias=b, ref_bias=b.detach(), **opts
+            ),
+            lambda z, W, b: ul.kl_divergence(z, ref_logits(W, b)),
+        ),
+    }[name]
+
+
+def _run(fn, h, W, b, upstream, through_logits: bool):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, W, b)]
+    value = (
+        fn(F.linear(*leaves) if through_logits else leaves[0], leaves[1], leaves[2])
+        if through_logits
+        else fn(*leaves)
+    )
+    (value * upstream).sum().backward()
+    return [value.detach()] + [t.grad for t in leaves]
+
+
+@given(
+    st.sampled_from(LOSSES),
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.integers(1, 40),
+    st.booleans(),
+    st.sampled_from([None, 1, 2, 5]),
+    st.sampled_from([1.0, -2.5]),
+    st.integers(0, 2**31 - 1),
+)
+def test_fused_linear_equals_the_logits_version(
+    name, batch, length, width, vocab, flat, chunk_rows, upstream, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch * length,) if flat else (batch, length)
+    h = torch.randn(*shape, width, generator=g)
+    W = torch.randn(vocab, width, generator=g)
+    b = torch.randn(vocab, generator=g)
+    ref_hidden = h + 0.3 * torch.randn(h.shape, generator=g)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < 0.3] = -100
+    fused, logits_version = _pair(name, ref_hidden, labels, chunk_rows)
+    got = _run(fused, h, W, b, upstream, through_logits=False)
+    expected = _run(logits_version, h, W, b, upstream, through_logits=True)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ga", "npo", "kl"])
+def test_bfloat16_matches_the_float64_reference(name):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 6, 8, generator=g).bfloat16()
+    W = torch.randn(33, 8, generator=g).bfloat16()
+    labels = torch.randint(0, 33, (2, 6), generator=g)
+    ref_hidden = (h.float() + 0.3 * torch.randn(h.shape, generator=g)).bfloat16()
+    logits64 = F.linear(h.double(), W.double())
+    ref64 = F.linear(ref_hidden.double(), W.double())
+    fused = {
+        "ga": lambda: ul.linear_ga_loss(h, W, labels),
+        "npo": lambda: ul.linear_npo_loss(h, W, labels, ref_hidden=ref_hidden),
+        "kl": lambda: ul.linear_kl_divergence(h, W, ref_hidden, labels=labels),
+    }[name]()
+    # The logits of bf16 inputs are rounded to bf16, as the model computes them.
+    z, zr = logits64.bfloat16().double(), ref64.bfloat16().double()
+    expected = {
+        "ga": lambda: ref.ga(z, labels),
+        "npo": lambda: ref.npo(z, labels, ref.token_logprobs(zr, labels), 0.1, "sequence"),
+        "kl": lambda: ref.kl_divergence(z, zr, labels),
+    }[name]()
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_head_gets_no_gradient_and_costs_none():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    W = torch.randn(20, 8)
+    labels = torch.randint(0, 20, (2, 5))
+    ul.linear_ga_loss(h, W, labels).backward()
+    assert W.grad is None and h.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W[:, :5], y),
+            ValueError,
+            r"weight must have shape \(V, 8\) to match hidden \(2, 5, 8\); got \(20, 5\)",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W.double(), y),
+            TypeError,
+            r"weight must have dtype torch.float32 to match hidden; got torch.float64",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W, y, bias=torch.zeros(3)),
+            ValueError,
+            r"bias must have shape \(20,\) to match weight; got \(3,\)",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W, y[:, :4]),
+            ValueError,
+            r"labels must have shape \(2, 5\) to match hidden \(2, 5, 8\); got \(2, 4\)",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W, y + 20),
+            ValueError,
+            r"labels must lie in \[0, 20\)",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h[0, 0], W, y[0, 0]),
+            ValueError,
+            r"hidden must have shape \(B, T, H\) or \(N, H\)",
+        ),
+        (
+            lambda h, W, y: ul.linear_ga_loss(h, W, y, chunk_rows=0),
+            ValueError,
+            r"chunk_rows must be >= 1; got 0",
+        ),
+        (
+            lambda h, W, y: ul.linear_npo_loss(h, W, y),
+            ValueError,
+            r"give exactly one of ref_logprobs or ref_hidden; got neither",
+        ),
+        (
+            lambda h, W, y: ul.linear_npo_loss(h, W, y, ref_hidden=h[:, :3]),
+            ValueError,
+            r"ref_hidden must have shape \(2, 5, 8\) to match hidden",
+        ),
+        (
+            lambda h, W, y: ul.linear_kl_divergence(h, W, h, ref_weight=W[:3], labels=y),
+            ValueError,
+            r"ref_weight must have shape",
+        ),
+        (
+            lambda h, W, y: ul.linear_simnpo_loss(h, W, y, beta=-1.0),
+            ValueError,
+            r"beta must be > 0",
+        ),
+    ],
+)
+def test_bad_input(call, error, message):
+    h, W = torch.randn(2, 5, 8), torch.randn(20, 8)
+    labels = torch.randint(0, 20, (2, 5))
+    with pytest.raises(error, match=message):
+        call(h, W, labels)

@@ -1,0 +1,290 @@
+"""The losses straight from hidden states and the output head: the logits are never materialised.
+
+Each function takes ``hidden (B, T, H)`` or ``(N, H)``, the head ``weight (V, H)`` and an optional
+``bias (V,)`` where its logits version takes ``logits = hidden @ weight.T + bias``, with the same
+semantics, options and errors. Work proceeds in chunks of rows whose float32 logits take at most
+64 MiB (or ``chunk_rows`` rows): computed, reduced, dropped, and recomputed in the backward. For a
+128k vocabulary that turns gigabytes of logits (and their float32 softmax) into one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _tokens
+from ..ops.linear import LinearLogprobs, LinearTokenKL
+from ..reductions import REDUCTIONS, Reduction, token_reduce
+from .kl import DIRECTIONS, Direction
+from .npo import GRANULARITIES, Granularity, npo_from_logprobs
+from .simnpo import simnpo_from_logprobs
+
+
+def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows):
+    hidden = _checks.check_logits(hidden, "hidden")
+    weight, bias = _checks.check_head(weight, bias, hidden)
+    tokens = _tokens.align(
+        hidden,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend="torch",
+        validate=validate,
+        name="hidden",
+        vocab_size=weight.shape[0],
+    )
+    if chunk_rows is not None and (_checks.check_int(chunk_rows, "chunk_rows") < 1):
+        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
+    return tokens, weight, bias
+
+
+def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
+    return LinearLogprobs.apply(
+        tokens.logits, weight, bias, tokens.targets, tokens.valid, chunk_rows
+    )
+
+
+def _num_items(num_items_in_batch, reduction, reference):
+    num_items = _checks.check_num_items(num_items_in_batch, reference)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(
+            f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
+        )
+    return num_items
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    r""":func:`~unlearning_losses.token_logprobs` of ``hidden @ weight.T + bias``, chunk by chunk.
+
+    Args:
+        hidden: ``(B, T, H)`` or ``(N, H)``, the last hidden states.
+        weight: the output head ``(V, H)``, same dtype and device.
+        labels: ``(B, T)`` or ``(N,)`` integer, ``ignore_index`` at prompt and padding.
+        bias: optional ``(V,)``.
+        chunk_rows: rows per chunk (default: as many as 64 MiB of float32 logits hold).
+        ignore_index, shift, validate: as :func:`~unlearning_losses.token_logprobs`.
+
+    Returns:
+        float32 per-token log-probs, differentiable in ``hidden``, ``weight`` and ``bias`` (weight
+        and bias gradients accumulated in float32; a head with ``requires_grad=False`` is skipped).
+    """
+    tokens, weight, bias = _align(
+        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    )
+    return tokens.unflatten(_logprobs(tokens, weight, bias, chunk_rows))
+
+
+def linear_ga_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    """:func:`~unlearning_losses.ga_loss` of ``hidden @ weight.T + bias`` (arguments as
+    :func:`linear_token_logprobs` and ``ga_loss``)."""
+    tokens, weight, bias = _align(
+        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    )
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
+    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+    return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
+
+
+def linear_nll_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    """:func:`~unlearning_losses.nll_loss` of ``hidden @ weight.T + bias``: the negative of
+    :func:`linear_ga_loss`."""
+    return -linear_ga_loss(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        chunk_rows=chunk_rows,
+        validate=validate,
+    )
+
+
+def linear_npo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    beta: float = 0.1,
+    granularity: Granularity = "sequence",
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    """:func:`~unlearning_losses.npo_loss` of ``hidden @ weight.T + bias``.
+
+    The reference is ``ref_logprobs`` (per token, as ``token_logprobs`` returns them) or the
+    reference model's ``ref_hidden`` with its head ``ref_weight`` (default: ``weight``, for a
+    frozen shared head) and ``ref_bias``; give exactly one of ``ref_logprobs`` / ``ref_hidden``.
+    The per-token log-probs are gathered first; autograd then hands each token its closed-form NPO
+    coefficient, and the backward forms the gradient chunk by chunk.
+    """
+    tokens, weight, bias = _align(
+        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    )
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    _checks.check_choice(granularity, GRANULARITIES, "granularity")
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    if (ref_logprobs is None) == (ref_hidden is None):
+        raise ValueError(
+            "give exactly one of ref_logprobs or ref_hidden; got "
+            + ("both" if ref_logprobs is not None else "neither")
+        )
+    if ref_hidden is not None:
+        ref_tokens, ref_w, ref_b = _reference(
+            hidden, weight, ref_hidden, ref_weight, ref_bias, tokens
+        )
+        with torch.no_grad():
+            ref = LinearLogprobs.apply(
+                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows
+            )
+    else:
+        expected = tuple(tokens.unflatten(tokens.targets).shape)
+        ref = _checks.check_token_values(ref_logprobs, expected, tokens.logits, "ref_logprobs")
+        ref = ref.detach().reshape(tokens.targets.shape)
+    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction)
+    return tokens.unflatten(result) if granularity == "token" else result
+
+
+def linear_simnpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    beta: float = 4.5,
+    delta: float = 0.0,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    """:func:`~unlearning_losses.simnpo_loss` of ``hidden @ weight.T + bias``."""
+    tokens, weight, bias = _align(
+        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    )
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    delta = _checks.check_finite_number(delta, "delta")
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction)
+
+
+def linear_kl_divergence(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    direction: Direction = "forward",
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_rows: int | None = None,
+    validate: bool = False,
+) -> Tensor:
+    """:func:`~unlearning_losses.kl_divergence` between the heads' distributions on ``hidden``
+    and ``ref_hidden`` (``ref_weight`` defaults to ``weight``). Only the model side is
+    differentiated."""
+    if labels is None:
+        hidden = _checks.check_logits(hidden, "hidden")
+        weight, bias = _checks.check_head(weight, bias, hidden)
+        tokens = _tokens.align_all_positions(hidden)
+    else:
+        tokens, weight, bias = _align(
+            hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+        )
+    ref_tokens, ref_w, ref_b = _reference(hidden, weight, ref_hidden, ref_weight, ref_bias, tokens)
+    _checks.check_choice(direction, DIRECTIONS, "direction")
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
+    per_token = LinearTokenKL.apply(
+        tokens.logits,
+        weight,
+        bias,
+        ref_tokens,
+        ref_w,
+        ref_b,
+        tokens.valid,
+        direction == "forward",
+        chunk_rows,
+    )
+    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+
+
+def linear_kl_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor | None = None,
+    labels: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """The KL forget term: the negative of :func:`linear_kl_divergence` (same arguments)."""
+    return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
+
+
+def _reference(hidden, weight, ref_hidden, ref_weight, ref_bias, tokens):
+    """The reference side, validated, detached and laid out like ``tokens.logits``."""
+    ref_hidden = _checks.check_like(ref_hidden, hidden, "ref_hidden", "hidden")
+    ref_weight = weight if ref_weight is None else ref_weight
+    ref_weight, ref_bias = _checks.check_head(
+        ref_weight, ref_bias, ref_hidden, "ref_weight", "ref_bias"
+    )
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight must have shape ({weight.shape[0]}, {weight.shape[1]}) to match weight "
+            f"(the same vocabulary); got {tuple(ref_weight.shape)}"
+        )
+    detach = [t.detach() if t is not None else None for t in (ref_hidden, ref_weight, ref_bias)]
+    return tokens.batched(detach[0]), detach[1], detach[2]

@@ -1,0 +1,170 @@
+"""The token reductions computed from hidden states and an output head, never materialising the
+logits.
+
+Each chunk of rows computes its logits ``h W^T + b`` (at most ``budget`` bytes of float32), reduces
+them and drops them. The backward recomputes each chunk's logits, forms ``dL/dz`` in float32 from
+the per-token coefficient that autograd hands it (for NPO and SimNPO that coefficient is the closed
+form of the sequence-level math, computed on ``(B, L)`` tensors), and accumulates the hidden, weight
+and bias gradients (weight and bias in float32). A head that does not require grad is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .chunked import accumulation_dtype, log_ratio, row_chunks, row_groups, zero_outside
+
+#: Bytes of float32 logits that one chunk may hold; results do not depend on it.
+LINEAR_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _budget(chunk_rows: int | None, vocab: int) -> int:
+    return chunk_rows * 4 * vocab if chunk_rows else LINEAR_CHUNK_BYTES
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    """``hidden (..., H) @ weight.T + bias`` in the inputs' dtype (as a model computes them), as
+    ``acc``."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    return z.to(acc)
+
+
+class _Gradients:
+    """float32 accumulators for the head and per-row hidden gradients."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple):
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if needs[1]
+            else None
+        )
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if bias is not None and needs[2]
+            else None
+        )
+
+    def add(self, b: slice, t: slice, hidden: Tensor, weight: Tensor, grad_logits: Tensor) -> None:
+        """Accumulate one chunk: ``grad_logits`` is float32 ``(nb, nt, V)``."""
+        flat = grad_logits.reshape(-1, grad_logits.shape[-1])
+        if self.hidden is not None:
+            # As the materialised path does: the logits' gradient in the head's dtype, then matmul.
+            self.hidden[b, t] = (flat.to(weight.dtype) @ weight).view(self.hidden[b, t].shape)
+        if self.weight is not None:
+            rows = hidden[b, t].reshape(-1, hidden.shape[-1]).to(torch.float32)
+            self.weight.addmm_(flat.T, rows)
+        if self.bias is not None:
+            self.bias.add_(flat.sum(0))
+
+    def result(self, weight: Tensor, bias: Tensor | None):
+        return (
+            self.hidden,
+            None if self.weight is None else self.weight.to(weight.dtype),
+            None if self.bias is None else self.bias.to(bias.dtype),
+        )
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """Per-token log p(target) from ``hidden[:, :L]`` and the head ``(weight, bias)``."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        valid: Tensor,
+        chunk_rows: int | None,
+    ) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        vocab = weight.shape[0]
+        budget = _budget(chunk_rows, vocab)
+        out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
+        lse = torch.zeros_like(out)
+        safe_targets = torch.where(valid, targets, 0)
+        groups = row_groups(valid, vocab, budget)
+        for b, t in row_chunks(groups, vocab, budget):
+            z = _logits(hidden[b, t], weight, bias, acc)
+            chunk_lse = torch.logsumexp(z, -1)
+            picked = z.gather(-1, safe_targets[b, t, None]).squeeze(-1)
+            lse[b, t] = chunk_lse
+            out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, out)
+        ctx.groups, ctx.budget = groups, budget
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        hidden, weight, bias, safe_targets, valid, lse, logprobs = ctx.saved_tensors
+        acc = logprobs.dtype
+        grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
+        if grads.hidden is not None:
+            zero_outside(grads.hidden, ctx.groups)
+        neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
+        label_term = neg_scale * torch.expm1(logprobs)  # g (1 - p_y), exact near p_y = 1
+        for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
+            z = _logits(hidden[b, t], weight, bias, acc)
+            grad_logits = z.sub_(lse[b, t, None]).exp_().mul_(neg_scale[b, t, None])
+            grad_logits.scatter_(-1, safe_targets[b, t, None], label_term[b, t, None])
+            grads.add(b, t, hidden, weight, grad_logits)
+        return (*grads.result(weight, bias), None, None, None)
+
+
+class LinearTokenKL(torch.autograd.Function):
+    """Per-token KL between the heads' distributions on ``hidden[:, :L]`` and ``ref_hidden[:, :L]``.
+
+    Only the model side (``hidden``, ``weight``, ``bias``) is differentiated.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        valid: Tensor,
+        forward_kl: bool,
+        chunk_rows: int | None,
+    ) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        vocab = weight.shape[0]
+        budget = _budget(chunk_rows, vocab)
+        out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
+        groups = row_groups(valid, vocab, budget)
+        for b, t in row_chunks(groups, vocab, budget):
+            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
+            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
+            first, second = (logp, logq) if forward_kl else (logq, logp)
+            weight_ = first.exp()
+            out[b, t] = torch.where(valid[b, t], (weight_ * log_ratio(first, second)).sum(-1), 0.0)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, out)
+        ctx.groups, ctx.budget, ctx.forward_kl = groups, budget, forward_kl
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl = ctx.saved_tensors
+        acc = kl.dtype
+        grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
+        if grads.hidden is not None:
+            zero_outside(grads.hidden, ctx.groups)
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
+        for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
+            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
+            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
+            probs = logp.exp()
+            if ctx.forward_kl:  # p_j (log p_j - log q_j - KL)
+                grad_logits = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
+            else:  # p_j - q_j
+                grad_logits = probs.sub_(logq.exp_())
+            grads.add(b, t, hidden, weight, grad_logits.mul_(scale[b, t, None]))
+        return (*grads.result(weight, bias), None, None, None, None, None, None)
