@@ -1,0 +1,159 @@
+"""Forward+backward time and peak memory of the fused-linear losses against materialised logits.
+
+For N tokens of hidden size H and vocabulary V (float32), each in a fresh process: ours
+(``linear_ga_loss``, ``linear_npo_loss`` with cached reference log-probs, ``linear_kl_divergence``
+against a reference's hidden states); the materialised path (``F.linear`` to the full logits, then
+our logits loss); and for GA ``torch.nn.functional.linear_cross_entropy`` with and without its
+chunked options. Peak memory is the resident-set high-water mark of one call beyond the inputs.
+
+    python benchmarks/bench_fused_linear.py [--vocabs 32000 128256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import unlearning_losses as ul
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table, median_seconds, peak_rss_bytes, run_worker
+
+SEQUENCES = 4
+
+
+def providers(loss: str):
+    """Implementation name -> fn(hidden, weight, labels, ref_logprobs, ref_hidden)."""
+    if loss == "ga":
+        return {
+            "ours": lambda h, w, y, r, q: ul.linear_ga_loss(h, w, y, shift=False),
+            "materialised": lambda h, w, y, r, q: ul.ga_loss(F.linear(h, w), y, shift=False),
+            "F.linear_cross_entropy": lambda h, w, y, r, q: (
+                -F.linear_cross_entropy(h.view(-1, h.shape[-1]), w, y.view(-1))
+            ),
+            "F.linear_cross_entropy chunked": lambda h, w, y, r, q: (
+                -F.linear_cross_entropy(
+                    h.view(-1, h.shape[-1]),
+                    w,
+                    y.view(-1),
+                    options=torch.nn.LinearCrossEntropyOptions(),
+                )
+            ),
+        }
+    if loss == "npo":
+        return {
+            "ours": lambda h, w, y, r, q: ul.linear_npo_loss(h, w, y, ref_logprobs=r, shift=False),
+            "materialised": lambda h, w, y, r, q: ul.npo_loss(
+                F.linear(h, w), y, ref_logprobs=r, shift=False
+            ),
+        }
+    return {
+        "ours": lambda h, w, y, r, q: ul.linear_kl_divergence(h, w, q, labels=y, shift=False),
+        "materialised": lambda h, w, y, r, q: ul.kl_divergence(
+            F.linear(h, w), F.linear(q, w).detach(), y, shift=False
+        ),
+    }
+
+
+def worker(loss: str, provider: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    fn = providers(loss)[provider]
+
+    def inputs(tokens: int):
+        h = torch.empty(SEQUENCES, tokens // SEQUENCES, args.hidden).normal_().requires_grad_(True)
+        w = (torch.empty(args.vocab, args.hidden).normal_() * args.hidden**-0.5).requires_grad_(
+            True
+        )
+        y = torch.randint(0, args.vocab, h.shape[:2])
+        r = -torch.rand(h.shape[:2]) * 10
+        q = torch.empty_like(h).normal_()
+        return h, w, y, r, q
+
+    small = inputs(64)
+    fn(*small).backward()  # pages in the kernels' code and starts the thread pool
+    h, w, y, r, q = inputs(args.tokens)
+
+    def step():
+        h.grad = w.grad = None
+        fn(h, w, y, r, q).backward()
+
+    before = peak_rss_bytes()
+    step()
+    extra = peak_rss_bytes() - before
+    seconds = median_seconds(step, args.repeats)
+    return {"seconds": seconds, "extra_bytes": extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--losses", nargs="+", default=["ga", "npo", "kl"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args)))
+        return
+
+    script = str(Path(__file__).resolve())
+    rows = []
+    for vocab in args.vocabs:
+        for loss in args.losses:
+            measured = {
+                name: run_worker(
+                    script,
+                    [
+                        loss,
+                        name,
+                        f"--vocab={vocab}",
+                        f"--tokens={args.tokens}",
+                        f"--hidden={args.hidden}",
+                        f"--repeats={args.repeats}",
+                    ],
+                )
+                for name in providers(loss)
+            }
+            base = measured["materialised"]
+            for name, m in measured.items():
+                rows.append(
+                    [
+                        loss,
+                        vocab,
+                        name,
+                        f"{m['seconds']:.2f}",
+                        f"{m['seconds'] / base['seconds']:.2f}",
+                        f"{m['extra_bytes'] / 2**20:.0f}",
+                        f"{m['extra_bytes'] / base['extra_bytes']:.2f}",
+                    ]
+                )
+            print(f"{loss} V={vocab}: done", file=sys.stderr, flush=True)
+    print(
+        f"N={args.tokens}, H={args.hidden}, float32, weight trained; {machine()}; median of "
+        f"{args.repeats} forward+backward, each in a fresh process.\n"
+    )
+    print(
+        markdown_table(
+            [
+                "loss",
+                "V",
+                "implementation",
+                "seconds",
+                "time / materialised",
+                "extra peak MiB",
+                "extra peak / materialised",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
