@@ -12,7 +12,9 @@ GA, NPO (cached reference log-probs) and forward KL for: ours (Triton), ours wit
 ``--compile-vocabs`` only: compiling every shape would not fit the time), and Liger-Kernel's
 cross-entropy for GA. Achieved GB/s counts the bytes that must move (per logit: log-prob forward
 1, backward 2 reads/writes of the logits' dtype, KL forward 2, backward 3) as a fraction of the
-measured copy bandwidth. Writes gpu_check.md and gpu_check.csv to OUT_DIR.
+measured copy bandwidth. Last, GA from hidden states (H = 4096, V = 128256, bfloat16): the fused
+``linear_ga_loss`` against materialised logits and PyTorch's ``linear_cross_entropy``. Writes
+gpu_check.md and gpu_check.csv to OUT_DIR.
 
 Runs on the CPU too (``--device cpu`` with ``TRITON_INTERPRET=1`` and tiny ``--tokens/--vocabs``),
 to check the script itself.
@@ -183,6 +185,44 @@ def peak_extra_bytes(fn, inputs, device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() - before
 
 
+def fused_linear_rows(device, timer: Timer, repeats: int, tokens: int, hidden: int, vocab: int):
+    """GA from hidden states in bfloat16: ours fused, materialised logits + ours, and PyTorch's
+    ``linear_cross_entropy`` (reference and chunked)."""
+    h = torch.randn(SEQUENCES, tokens // SEQUENCES, hidden, dtype=torch.bfloat16, device=device)
+    w = torch.randn(vocab, hidden, dtype=torch.bfloat16, device=device) * hidden**-0.5
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    y = torch.randint(0, vocab, h.shape[:2], device=device)
+    flat_h, flat_y = h.view(-1, hidden), y.view(-1)
+    candidates = {
+        "ours fused": lambda: ul.linear_ga_loss(h, w, y, shift=False),
+        "materialised + ours": lambda: ul.ga_loss(F.linear(h, w), y, shift=False),
+        "F.linear_cross_entropy": lambda: -F.linear_cross_entropy(flat_h, w, flat_y),
+        "F.linear_cross_entropy chunked": lambda: (
+            -F.linear_cross_entropy(flat_h, w, flat_y, options=torch.nn.LinearCrossEntropyOptions())
+        ),
+    }
+    rows = []
+    for name, loss in candidates.items():
+        if name.startswith("F.") and not hasattr(F, "linear_cross_entropy"):
+            continue
+        samples = [
+            timer(lambda loss=loss: torch.autograd.grad(loss(), (h, w))) for _ in range(repeats + 3)
+        ]
+        ms = statistics.median(samples[3:])
+        peak = float("nan")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            torch.autograd.grad(loss(), (h, w))
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        rows.append(["ga", name, tokens, hidden, vocab, f"{ms:.2f}", f"{peak:.0f}"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    return rows
+
+
 def make_inputs(tokens: int, vocab: int, dtype, device, copies: int):
     length = tokens // SEQUENCES
     inputs = []
@@ -204,6 +244,14 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--linear",
+        type=int,
+        nargs=2,
+        default=[4096, 128256],
+        metavar=("H", "V"),
+        help="hidden size and vocabulary of the fused-linear run",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     timer = Timer(device)
@@ -270,6 +318,8 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    linear_rows = fused_linear_rows(device, timer, args.repeats, args.tokens, *args.linear)
+    linear_header = ["loss", "provider", "N", "H", "V", "fwd+bwd ms", "extra peak MiB"]
     check_header = [
         "dtype",
         "V",
@@ -293,7 +343,8 @@ def main() -> None:
     report = (
         f"{header_line}; copy bandwidth {bandwidth:.0f} GB/s.\n\n"
         f"Against float64 on 64 sampled rows:\n\n{markdown_table(check_header, checks)}\n\n"
-        f"{markdown_table(header, rows)}\n"
+        f"{markdown_table(header, rows)}\n\n"
+        f"From hidden states, bfloat16:\n\n{markdown_table(linear_header, linear_rows)}\n"
     )
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,18 @@ from hypothesis import strategies as st
 
 import unlearning_losses as ul
 
-LOSSES = ["token_logprobs", "ga", "nll", "npo", "npo_token", "simnpo", "kl", "kl_reverse", "kl_all"]
+LOSSES = [
+    "token_logprobs",
+    "ga",
+    "nll",
+    "nll_none",
+    "npo",
+    "npo_token",
+    "simnpo",
+    "kl",
+    "kl_reverse",
+    "kl_all",
+]
 
 
 def _pair(name, ref_hidden, labels, chunk_rows):

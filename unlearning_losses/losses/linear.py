@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tokens
-from ..ops.linear import LinearLogprobs, LinearTokenKL
+from ..ops.linear import LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
 from .npo import GRANULARITIES, Granularity, npo_from_logprobs
@@ -104,8 +104,19 @@ def linear_ga_loss(
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
-    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
-    return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
+    if reduction == "none":
+        logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+        return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
+    # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
+    count = tokens.valid.sum() if num_items is None else torch.as_tensor(num_items)
+    scale = (
+        torch.ones((), device=tokens.logits.device)
+        if reduction == "sum"
+        else (1.0 / count.clamp(min=1).to(device=tokens.logits.device, dtype=torch.float64))
+    )
+    return LinearTokenSum.apply(
+        tokens.logits, weight, bias, tokens.targets, tokens.valid, scale, chunk_rows
+    )
 
 
 def linear_nll_loss(

@@ -168,3 +168,60 @@ class LinearTokenKL(torch.autograd.Function):
                 grad_logits = probs.sub_(logq.exp_())
             grads.add(b, t, hidden, weight, grad_logits.mul_(scale[b, t, None]))
         return (*grads.result(weight, bias), None, None, None, None, None, None)
+
+
+class LinearTokenSum(torch.autograd.Function):
+    """``sum over valid rows of log p(target) * scale``, a scalar, from hidden states and a head.
+
+    For token means the coefficient of every token is known in the forward pass (``scale``, e.g.
+    1 / |M|), so the gradients are formed there, chunk by chunk, while each chunk's logits are at
+    hand; the backward only multiplies them by the upstream scalar. One pass over the vocabulary
+    and no recomputed matmul: the cost of the materialised path, without its memory.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        valid: Tensor,
+        scale: Tensor,
+        chunk_rows: int | None,
+    ) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        vocab = weight.shape[0]
+        budget = _budget(chunk_rows, vocab)
+        needs = (
+            hidden.requires_grad,
+            weight.requires_grad,
+            bias is not None and bias.requires_grad,
+        )
+        grads = _Gradients(hidden, weight, bias, needs) if any(needs) else None
+        groups = row_groups(valid, vocab, budget)
+        if grads is not None and grads.hidden is not None:
+            zero_outside(grads.hidden, groups)
+        safe_targets = torch.where(valid, targets, 0)
+        coefficient = torch.where(valid, scale.to(acc), 0.0)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for b, t in row_chunks(groups, vocab, budget):
+            z = _logits(hidden[b, t], weight, bias, acc)
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            index = safe_targets[b, t, None]
+            logp = z.gather(-1, index).sub_(lse).squeeze(-1)
+            total += (logp * coefficient[b, t]).sum()
+            if grads is not None:
+                # d (c log p_y) / d z_j = c (1[j = y] - p_j); 1 - p_y = -expm1(log p_y)
+                grad_logits = z.sub_(lse).exp_().mul_(-coefficient[b, t, None])
+                label_term = -coefficient[b, t] * torch.expm1(logp)
+                grad_logits.scatter_(-1, index, label_term.unsqueeze(-1))
+                grads.add(b, t, hidden, weight, grad_logits)
+        ctx.grads = None if grads is None else grads.result(weight, bias)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        scaled = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
+        return (*scaled, None, None, None, None)
