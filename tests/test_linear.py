@@ -42,6 +42,10 @@ def _pair(name, ref_hidden, labels, chunk_rows):
             lambda z, W, b: ul.ga_loss(z, labels),
         ),
         "nll": (
+            lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b, reduction="sum", **opts),
+            lambda z, W, b: ul.nll_loss(z, labels, reduction="sum"),
+        ),
+        "nll_none": (
             lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b, reduction="none", **opts),
             lambda z, W, b: ul.nll_loss(z, labels, reduction="none"),
         ),
