@@ -241,3 +241,12 @@ def test_bad_input(call, error, message):
     labels = torch.randint(0, 20, (2, 5))
     with pytest.raises(error, match=message):
         call(h, W, labels)
+
+
+def test_a_second_backward_through_a_fused_token_mean_is_refused():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    W = torch.randn(20, 8, requires_grad=True)
+    loss = ul.linear_ga_loss(h, W, torch.randint(0, 20, (2, 5)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r'differentiated already.*reduction="none"'):
+        loss.backward()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tokens
-from ..ops.linear import LinearLogprobs, LinearTokenKL, LinearTokenSum
+from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
 from .npo import GRANULARITIES, Granularity, npo_from_logprobs
@@ -51,6 +51,15 @@ def _num_items(num_items_in_batch, reduction, reference):
             f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
         )
     return num_items
+
+
+def _scalar_scale(tokens, reduction: str, num_items) -> Tensor:
+    """Each valid token's weight in a scalar reduction: 1 for ``sum``, 1 / count for ``mean``."""
+    device = tokens.logits.device
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.float64, device=device)
+    count = tokens.valid.sum() if num_items is None else torch.as_tensor(num_items, device=device)
+    return 1.0 / count.clamp(min=1).to(torch.float64)
 
 
 def linear_token_logprobs(
@@ -108,12 +117,7 @@ def linear_ga_loss(
         logprobs = _logprobs(tokens, weight, bias, chunk_rows)
         return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
-    count = tokens.valid.sum() if num_items is None else torch.as_tensor(num_items)
-    scale = (
-        torch.ones((), device=tokens.logits.device)
-        if reduction == "sum"
-        else (1.0 / count.clamp(min=1).to(device=tokens.logits.device, dtype=torch.float64))
-    )
+    scale = _scalar_scale(tokens, reduction, num_items)
     return LinearTokenSum.apply(
         tokens.logits, weight, bias, tokens.targets, tokens.valid, scale, chunk_rows
     )
@@ -259,7 +263,22 @@ def linear_kl_divergence(
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
-    per_token = LinearTokenKL.apply(
+    forward_kl = direction == "forward"
+    if reduction == "none":
+        per_token = LinearTokenKL.apply(
+            tokens.logits,
+            weight,
+            bias,
+            ref_tokens,
+            ref_w,
+            ref_b,
+            tokens.valid,
+            forward_kl,
+            chunk_rows,
+        )
+        return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+    scale = _scalar_scale(tokens, reduction, num_items)
+    return LinearKLSum.apply(
         tokens.logits,
         weight,
         bias,
@@ -267,10 +286,10 @@ def linear_kl_divergence(
         ref_w,
         ref_b,
         tokens.valid,
-        direction == "forward",
+        scale,
+        forward_kl,
         chunk_rows,
     )
-    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
 
 
 def linear_kl_loss(

@@ -223,5 +223,72 @@ class LinearTokenSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor):
-        scaled = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
-        return (*scaled, None, None, None, None)
+        return (*_scaled_once(ctx, grad_out), None, None, None, None)
+
+
+class LinearKLSum(torch.autograd.Function):
+    """``sum over valid rows of KL_t * scale``, a scalar; gradients formed in the forward pass as
+    in :class:`LinearTokenSum`. Only the model side is differentiated."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        valid: Tensor,
+        scale: Tensor,
+        forward_kl: bool,
+        chunk_rows: int | None,
+    ) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        vocab = weight.shape[0]
+        budget = _budget(chunk_rows, vocab)
+        needs = (
+            hidden.requires_grad,
+            weight.requires_grad,
+            bias is not None and bias.requires_grad,
+        )
+        grads = _Gradients(hidden, weight, bias, needs) if any(needs) else None
+        groups = row_groups(valid, vocab, budget)
+        if grads is not None and grads.hidden is not None:
+            zero_outside(grads.hidden, groups)
+        coefficient = torch.where(valid, scale.to(acc), 0.0)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for b, t in row_chunks(groups, vocab, budget):
+            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
+            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
+            probs = logp.exp()
+            if forward_kl:
+                ratio = log_ratio(logp, logq)
+                kl = (probs * ratio).sum(-1)
+                grad_logits = ratio.sub_(kl.unsqueeze(-1)).mul_(probs)  # p (log p - log q - KL)
+            else:
+                ref_probs = logq.exp()
+                kl = (ref_probs * log_ratio(logq, logp)).sum(-1)
+                grad_logits = probs.sub_(ref_probs)  # p - q
+            total += (kl * coefficient[b, t]).sum()
+            if grads is not None:
+                grads.add(b, t, hidden, weight, grad_logits.mul_(coefficient[b, t, None]))
+        ctx.grads = None if grads is None else grads.result(weight, bias)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None)
+
+
+def _scaled_once(ctx: FunctionCtx, grad_out: Tensor) -> tuple:
+    """The gradients formed in the forward pass, scaled in place by the upstream scalar: no second
+    copy of the weight gradient. They are handed over, so a second backward is refused."""
+    if ctx.grads is None:
+        raise RuntimeError(
+            "this fused-linear loss was differentiated already (its gradients are formed in the "
+            'forward pass and handed over once); use reduction="none" for a retained graph'
+        )
+    grads, ctx.grads = ctx.grads, None
+    return tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
