@@ -119,7 +119,14 @@ def linear_ga_loss(
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
     scale = _scalar_scale(tokens, reduction, num_items)
     return LinearTokenSum.apply(
-        tokens.logits, weight, bias, tokens.targets, tokens.valid, scale, chunk_rows
+        tokens.logits,
+        weight,
+        bias,
+        tokens.targets,
+        tokens.valid,
+        scale,
+        chunk_rows,
+        torch.is_grad_enabled(),
     )
 
 
@@ -289,6 +296,7 @@ def linear_kl_divergence(
         scale,
         forward_kl,
         chunk_rows,
+        torch.is_grad_enabled(),
     )
 
 

@@ -170,6 +170,20 @@ class LinearTokenKL(torch.autograd.Function):
         return (*grads.result(weight, bias), None, None, None, None, None, None)
 
 
+def _forward_pass_gradients(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, groups: list, grad_enabled: bool
+) -> _Gradients | None:
+    """Accumulators for gradients formed in the forward pass; None when nothing needs one
+    (``grad_enabled`` is the caller's grad mode: inside ``forward`` it is always off)."""
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not (grad_enabled and any(needs)):
+        return None
+    grads = _Gradients(hidden, weight, bias, needs)
+    if grads.hidden is not None:
+        zero_outside(grads.hidden, groups)
+    return grads
+
+
 class LinearTokenSum(torch.autograd.Function):
     """``sum over valid rows of log p(target) * scale``, a scalar, from hidden states and a head.
 
@@ -189,19 +203,13 @@ class LinearTokenSum(torch.autograd.Function):
         valid: Tensor,
         scale: Tensor,
         chunk_rows: int | None,
+        grad_enabled: bool,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
         vocab = weight.shape[0]
         budget = _budget(chunk_rows, vocab)
-        needs = (
-            hidden.requires_grad,
-            weight.requires_grad,
-            bias is not None and bias.requires_grad,
-        )
-        grads = _Gradients(hidden, weight, bias, needs) if any(needs) else None
         groups = row_groups(valid, vocab, budget)
-        if grads is not None and grads.hidden is not None:
-            zero_outside(grads.hidden, groups)
+        grads = _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled)
         safe_targets = torch.where(valid, targets, 0)
         coefficient = torch.where(valid, scale.to(acc), 0.0)
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -223,7 +231,7 @@ class LinearTokenSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor):
-        return (*_scaled_once(ctx, grad_out), None, None, None, None)
+        return (*_scaled_once(ctx, grad_out), None, None, None, None, None)
 
 
 class LinearKLSum(torch.autograd.Function):
@@ -243,19 +251,13 @@ class LinearKLSum(torch.autograd.Function):
         scale: Tensor,
         forward_kl: bool,
         chunk_rows: int | None,
+        grad_enabled: bool,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
         vocab = weight.shape[0]
         budget = _budget(chunk_rows, vocab)
-        needs = (
-            hidden.requires_grad,
-            weight.requires_grad,
-            bias is not None and bias.requires_grad,
-        )
-        grads = _Gradients(hidden, weight, bias, needs) if any(needs) else None
         groups = row_groups(valid, vocab, budget)
-        if grads is not None and grads.hidden is not None:
-            zero_outside(grads.hidden, groups)
+        grads = _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled)
         coefficient = torch.where(valid, scale.to(acc), 0.0)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for b, t in row_chunks(groups, vocab, budget):
@@ -279,7 +281,7 @@ class LinearKLSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor):
-        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None)
+        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None)
 
 
 def _scaled_once(ctx: FunctionCtx, grad_out: Tensor) -> tuple:
