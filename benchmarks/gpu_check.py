@@ -205,6 +205,8 @@ def fused_linear_rows(device, timer: Timer, repeats: int, tokens: int, hidden: i
     rows = []
     for name, loss in candidates.items():
         if name.startswith("F.") and not hasattr(F, "linear_cross_entropy"):
+            continue  # older PyTorch releases have neither
+        if name.endswith("chunked") and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             continue
         samples = [
             timer(lambda loss=loss: torch.autograd.grad(loss(), (h, w))) for _ in range(repeats + 3)
