@@ -5,7 +5,9 @@ Every forget loss returns a value to minimize; combine it with a retain loss thr
 Face causal-LM convention and work in any training loop.
 """
 
+from .distributed import GlobalCounts, global_counts
 from .losses.combine import combine_with_retain
+from .losses.dpo import dpo_loss
 from .losses.kl import kl_divergence, kl_loss
 from .losses.linear import (
     linear_ga_loss,
@@ -17,15 +19,23 @@ from .losses.linear import (
     linear_token_logprobs,
 )
 from .losses.logprobs import token_logprobs
-from .losses.nll import ga_loss, nll_loss
+from .losses.nll import ga_loss, idk_loss, nll_loss
 from .losses.npo import npo_loss
+from .losses.rmu import rmu_control_vector, rmu_loss
 from .losses.simnpo import simnpo_loss
+from .losses.soft_targets import ceu_loss, undial_loss
+from .losses.weighted import satimp_loss, tnpo_loss, wga_loss
 from .task_vector import apply_task_vector, negate_task_vector, task_vector
 
 __all__ = [
+    "GlobalCounts",
     "apply_task_vector",
+    "ceu_loss",
     "combine_with_retain",
+    "dpo_loss",
     "ga_loss",
+    "global_counts",
+    "idk_loss",
     "kl_divergence",
     "kl_loss",
     "linear_ga_loss",
@@ -38,9 +48,15 @@ __all__ = [
     "negate_task_vector",
     "nll_loss",
     "npo_loss",
+    "rmu_control_vector",
+    "rmu_loss",
+    "satimp_loss",
     "simnpo_loss",
     "task_vector",
+    "tnpo_loss",
     "token_logprobs",
+    "undial_loss",
+    "wga_loss",
 ]
 
 __version__ = "0.1.0"

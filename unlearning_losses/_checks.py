@@ -125,8 +125,10 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_finite_number(value: object, name: str, *, positive: bool = False) -> float:
-    """A finite real Python number (or a 0-d tensor on the CPU), optionally > 0."""
+def check_finite_number(
+    value: object, name: str, *, positive: bool = False, nonnegative: bool = False
+) -> float:
+    """A finite real Python number (or a 0-d tensor on the CPU), optionally > 0 or >= 0."""
     if isinstance(value, Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a scalar; got a tensor of shape {_shape(value)}")
@@ -138,29 +140,41 @@ def check_finite_number(value: object, name: str, *, positive: bool = False) -> 
         raise ValueError(f"{name} must be finite; got {number}")
     if positive and number <= 0:
         raise ValueError(f"{name} must be > 0; got {number}")
+    if nonnegative and number < 0:
+        raise ValueError(f"{name} must be >= 0; got {number}")
     return number
 
 
-def check_num_items(num_items_in_batch: object, reference: Tensor) -> int | Tensor | None:
-    """``num_items_in_batch`` as Hugging Face Trainer passes it: None, an int >= 0 or a 0-d tensor."""
-    if num_items_in_batch is None:
+def check_num_items(
+    num_items: object, reference: Tensor, name: str = "num_items_in_batch"
+) -> int | Tensor | None:
+    """A global count as Hugging Face Trainer passes ``num_items_in_batch``: None, an int >= 0 or
+    a 0-d tensor (moved to the reference's device)."""
+    if num_items is None:
         return None
-    if isinstance(num_items_in_batch, Tensor):
-        if num_items_in_batch.dim() != 0:
+    if isinstance(num_items, Tensor):
+        if num_items.dim() != 0:
             raise ValueError(
-                "num_items_in_batch must be an int or a 0-d tensor; got a tensor of shape "
-                f"{_shape(num_items_in_batch)}"
+                f"{name} must be an int or a 0-d tensor; got a tensor of shape {_shape(num_items)}"
             )
-        if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
-            raise TypeError(f"num_items_in_batch must be numeric; got {num_items_in_batch.dtype}")
-        return num_items_in_batch.to(reference.device)
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
-        raise TypeError(
-            f"num_items_in_batch must be an int or a 0-d tensor; got {type(num_items_in_batch).__name__}"
-        )
-    if num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch must be >= 0; got {num_items_in_batch}")
-    return num_items_in_batch
+        if num_items.is_complex() or num_items.dtype == torch.bool:
+            raise TypeError(f"{name} must be numeric; got {num_items.dtype}")
+        return num_items.to(reference.device)
+    if isinstance(num_items, bool) or not isinstance(num_items, int):
+        raise TypeError(f"{name} must be an int or a 0-d tensor; got {type(num_items).__name__}")
+    if num_items < 0:
+        raise ValueError(f"{name} must be >= 0; got {num_items}")
+    return num_items
+
+
+def check_mean_count(
+    num_items: object, reference: Tensor, reduction: str, name: str = "num_items_in_batch"
+) -> int | Tensor | None:
+    """A global count replaces the local one in ``reduction="mean"``, and only there."""
+    count = check_num_items(num_items, reference, name)
+    if count is not None and reduction != "mean":
+        raise ValueError(f'{name} applies to reduction="mean" only; got reduction={reduction!r}')
+    return count
 
 
 def check_int(value: object, name: str) -> int:

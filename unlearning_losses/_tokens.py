@@ -42,19 +42,26 @@ def align(
     backend: str,
     validate: bool = False,
     name: str = "logits",
+    labels_name: str = "labels",
     vocab_size: int | None = None,
+    vocab_group: object = None,
 ) -> Tokens:
     """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1).
 
     For the fused-linear losses ``logits`` is the hidden states (``name="hidden"``) and
-    ``vocab_size`` comes from the head.
+    ``vocab_size`` comes from the head. With ``vocab_group`` the logits are this rank's shard of
+    the vocabulary, and labels index the whole of it.
     """
     logits = _checks.check_logits(logits, name)
-    labels = _checks.check_labels(labels, logits, ref_name=name)
+    labels = _checks.check_labels(labels, logits, labels_name, ref_name=name)
     _checks.check_int(ignore_index, "ignore_index")
     _checks.check_choice(backend, BACKENDS, "backend")
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
-    _checks.check_label_range(labels, vocab, ignore_index, validate)
+    if vocab_group is not None:
+        from .ops.vocab_parallel import global_vocab_size
+
+        vocab = global_vocab_size(logits, vocab_group)
+    _checks.check_label_range(labels, vocab, ignore_index, validate, labels_name)
     flat = logits.dim() == 2
     if flat:
         logits, labels, shift = logits.unsqueeze(0), labels.unsqueeze(0), False

@@ -42,6 +42,12 @@ def sequence_sums(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return values.masked_fill(~valid, 0.0).sum(-1), valid.sum(-1)
 
 
-def sequence_reduce(values: Tensor, nonempty: Tensor, reduction: str) -> Tensor:
-    """Reduce per-sequence values over the sequences that have at least one valid token."""
-    return token_reduce(values, nonempty, reduction)
+def sequence_reduce(
+    values: Tensor,
+    nonempty: Tensor,
+    reduction: str,
+    num_sequences: int | Tensor | None = None,
+) -> Tensor:
+    """Reduce per-sequence values over the sequences that have at least one valid token; with
+    ``num_sequences`` (a global count, data parallel) the mean divides the sum by it."""
+    return token_reduce(values, nonempty, reduction, num_sequences)

@@ -26,6 +26,7 @@ def kl_divergence(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""Mean per-token KL divergence between the model's and a reference's next-token distributions.
 
@@ -47,8 +48,8 @@ def kl_divergence(
         labels: selects positions as in :func:`ga_loss` (with the shift); ``None`` counts every
             position of the logits (shift then does not apply).
         direction: ``"forward"`` (KL(P_theta || P_ref), the SOUL paper's) or ``"reverse"``.
-        ignore_index, shift, num_items_in_batch, backend, validate, inplace_backward: as
-            :func:`ga_loss`.
+        ignore_index, shift, num_items_in_batch, backend, validate, inplace_backward,
+            vocab_group: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per token).
 
     Returns:
@@ -66,15 +67,12 @@ def kl_divergence(
             shift=shift,
             backend=backend,
             validate=validate,
+            vocab_group=vocab_group,
         )
     ref_logits = _checks.check_like(ref_logits, logits, "ref_logits")
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _checks.check_num_items(num_items_in_batch, tokens.logits)
-    if num_items is not None and reduction != "mean":
-        raise ValueError(
-            f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
-        )
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     per_token = ops.token_kl(
         tokens.logits,
         tokens.batched(ref_logits),
@@ -82,6 +80,7 @@ def kl_divergence(
         forward_kl=direction == "forward",
         backend=backend,
         inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )
     return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
 
@@ -99,6 +98,7 @@ def kl_loss(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""KL forget loss: the negative of :func:`kl_divergence`, to minimize.
 
@@ -119,4 +119,5 @@ def kl_loss(
         backend=backend,
         validate=validate,
         inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )

@@ -44,15 +44,6 @@ def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
     )
 
 
-def _num_items(num_items_in_batch, reduction, reference):
-    num_items = _checks.check_num_items(num_items_in_batch, reference)
-    if num_items is not None and reduction != "mean":
-        raise ValueError(
-            f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
-        )
-    return num_items
-
-
 def _scalar_scale(tokens, reduction: str, num_items) -> Tensor:
     """Each valid token's weight in a scalar reduction: 1 for ``sum``, 1 / count for ``mean``."""
     device = tokens.logits.device
@@ -112,7 +103,7 @@ def linear_ga_loss(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     if reduction == "none":
         logprobs = _logprobs(tokens, weight, bias, chunk_rows)
         return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
@@ -269,7 +260,7 @@ def linear_kl_divergence(
     ref_tokens, ref_w, ref_b = _reference(hidden, weight, ref_hidden, ref_weight, ref_bias, tokens)
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _num_items(num_items_in_batch, reduction, tokens.logits)
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     forward_kl = direction == "forward"
     if reduction == "none":
         per_token = LinearTokenKL.apply(

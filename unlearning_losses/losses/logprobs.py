@@ -16,6 +16,7 @@ def token_logprobs(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""Log-probability of each label under the softmax of the logits.
 
@@ -36,6 +37,11 @@ def token_logprobs(
             the backward, so nothing else may read them afterwards (another loss on the same
             logits, a metric, a second backward); use it only when this loss is the logits' sole
             consumer, as with a model's output that feeds just this loss.
+        vocab_group: a ``torch.distributed`` process group over which the vocabulary is sharded
+            (tensor parallel). Rank ``r`` passes its columns ``[r * V_local, (r + 1) * V_local)``;
+            labels index the whole vocabulary; every rank gets the same log-probs and the
+            gradient of its own shard (two all-reduces of ``(B, L)`` floats in the forward, none
+            in the backward).
 
     Returns:
         float32 (float64) ``(B, T - 1)`` under the shift, else ``(B, T)`` or ``(N,)``; 0 at ignored
@@ -52,7 +58,13 @@ def token_logprobs(
         torch.Size([2, 4])
     """
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        vocab_group=vocab_group,
     )
     return tokens.unflatten(
         ops.label_logprobs(
@@ -61,5 +73,6 @@ def token_logprobs(
             tokens.valid,
             backend=backend,
             inplace_backward=inplace_backward,
+            vocab_group=vocab_group,
         )
     )

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 
+# Given the validated tokens, the function from detached log-probs (B, L) to per-token weights.
+Weighting = Callable[[_tokens.Tokens], Callable[[Tensor], Tensor]]
 
-def _token_mean_logprob(
+
+def token_mean_logprob(
     logits: Tensor,
     labels: Tensor,
+    *,
     ignore_index: int,
     shift: bool,
     reduction: str,
@@ -18,23 +24,37 @@ def _token_mean_logprob(
     backend: str,
     validate: bool,
     inplace_backward: bool,
+    vocab_group: object = None,
+    weighting: Weighting | None = None,
 ) -> Tensor:
+    """The token reduction of ``w_t * log p(y_t)``, ``w_t = 1`` unless ``weighting`` is given.
+
+    ``weighting(tokens)`` runs after validation, before the log-prob pass (so it may check its
+    own inputs), and returns the function from the detached log-probs ``(B, L)`` to the per-token
+    weights, constants of the backward (WGA, SatImp, TNPO).
+    """
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        vocab_group=vocab_group,
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _checks.check_num_items(num_items_in_batch, tokens.logits)
-    if num_items is not None and reduction != "mean":
-        raise ValueError(
-            f'num_items_in_batch applies to reduction="mean" only; got reduction={reduction!r}'
-        )
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
+    weights_of = weighting(tokens) if weighting is not None else None
     logprobs = ops.label_logprobs(
         tokens.logits,
         tokens.targets,
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )
+    if weights_of is not None:
+        logprobs = logprobs * weights_of(logprobs.detach())
     return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
 
 
@@ -49,6 +69,7 @@ def ga_loss(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""Gradient-ascent forget loss: the mean log-likelihood of the forget tokens, to minimize.
 
@@ -69,6 +90,9 @@ def ga_loss(
         validate: check the label range on CUDA too (a host sync).
         inplace_backward: write the gradient into the logits' buffer (see :func:`token_logprobs`
             for the hazard).
+        vocab_group: a ``torch.distributed`` process group over which the vocabulary is sharded
+            (tensor parallel): ``logits`` hold this rank's ``V / world`` columns, ``labels``
+            index the whole vocabulary, and every rank gets the same loss.
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-token values for ``"none"``.
@@ -80,16 +104,17 @@ def ga_loss(
         >>> labels = torch.randint(0, 13, (2, 6)); labels[:, :2] = -100
         >>> ga_loss(logits, labels).backward()
     """
-    return _token_mean_logprob(
+    return token_mean_logprob(
         logits,
         labels,
-        ignore_index,
-        shift,
-        reduction,
-        num_items_in_batch,
-        backend,
-        validate,
-        inplace_backward,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        validate=validate,
+        inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )
 
 
@@ -104,6 +129,7 @@ def nll_loss(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""Negative log-likelihood (the causal-LM loss), the usual retain term.
 
@@ -112,14 +138,51 @@ def nll_loss(
     Equals ``model(..., labels=labels).loss`` of a Hugging Face causal LM, computed in float32
     without a float32 copy of the logits. Arguments as :func:`ga_loss`, of which it is the negative.
     """
-    return -_token_mean_logprob(
+    return -token_mean_logprob(
         logits,
         labels,
-        ignore_index,
-        shift,
-        reduction,
-        num_items_in_batch,
-        backend,
-        validate,
-        inplace_backward,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        validate=validate,
+        inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
+    )
+
+
+def idk_loss(
+    idk_logits: Tensor,
+    idk_labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+    inplace_backward: bool = False,
+    vocab_group: object = None,
+) -> Tensor:
+    r"""IDK forget loss: the NLL of a refusal answer to a forget question, to minimize.
+
+    .. math:: \mathcal{L}_{IDK} = -\frac{1}{|M|} \sum_{t \in M} \log p_\theta(a^{idk}_t \mid q, a^{idk}_{<t})
+
+    The forget questions are paired with a refusal such as "I don't know." and the model is
+    fine-tuned on those answers (Maini et al., 2024, "TOFU", the IDK baseline). ``idk_logits`` are
+    the model's logits on the question followed by the refusal; ``idk_labels`` mask the question
+    with ``ignore_index``. Arguments as :func:`ga_loss`; the value is :func:`nll_loss` of that batch.
+    """
+    return nll_loss(
+        idk_logits,
+        idk_labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+        validate=validate,
+        inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )

@@ -21,21 +21,31 @@ def reference_logprobs(
     ref_logprobs: Tensor | None,
     ref_logits: Tensor | None,
     backend: str,
+    *,
+    names: tuple[str, str] = ("ref_logprobs", "ref_logits"),
+    logits_name: str = "logits",
+    vocab_group: object = None,
 ) -> Tensor:
-    """The reference model's per-token log-probs ``(B, L)``, from exactly one of the two sources."""
+    """The reference model's per-token log-probs ``(B, L)``, from exactly one of the two sources
+    (named ``names`` in messages)."""
+    logprobs_name, logits_arg = names
     if (ref_logprobs is None) == (ref_logits is None):
         raise ValueError(
-            "give exactly one of ref_logprobs or ref_logits; got "
+            f"give exactly one of {logprobs_name} or {logits_arg}; got "
             + ("both" if ref_logprobs is not None else "neither")
         )
     if ref_logits is not None:
-        ref_logits = _checks.check_like(ref_logits, logits, "ref_logits")
+        ref_logits = _checks.check_like(ref_logits, logits, logits_arg, logits_name)
         with torch.no_grad():
             return ops.label_logprobs(
-                tokens.batched(ref_logits), tokens.targets, tokens.valid, backend=backend
+                tokens.batched(ref_logits),
+                tokens.targets,
+                tokens.valid,
+                backend=backend,
+                vocab_group=vocab_group,
             )
     expected = tuple(tokens.unflatten(tokens.targets).shape)
-    ref_logprobs = _checks.check_token_values(ref_logprobs, expected, tokens.logits, "ref_logprobs")
+    ref_logprobs = _checks.check_token_values(ref_logprobs, expected, tokens.logits, logprobs_name)
     return ref_logprobs.detach().reshape(tokens.targets.shape)
 
 
@@ -50,9 +60,12 @@ def npo_loss(
     ignore_index: int = -100,
     shift: bool = True,
     reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    num_sequences: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""NPO forget loss (Zhang et al., 2024, "Negative Preference Optimization"), to minimize.
 
@@ -82,46 +95,96 @@ def npo_loss(
         ref_logits: or the reference model's logits, shaped like ``logits``. Give exactly one.
         beta: inverse temperature, > 0.
         granularity: ``"sequence"``, ``"sequence_mean"``, ``"token"`` or ``"batch"``.
-        ignore_index, shift, backend, validate, inplace_backward: as :func:`ga_loss`.
+        ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
+            :func:`ga_loss`.
         reduction: ``"mean"``, ``"sum"``, or ``"none"`` (per sequence ``(B,)``, 0 for a sequence
             without valid tokens; per token for ``"token"``).
+        num_items_in_batch: for ``"token"`` granularity, the global count of valid tokens
+            (gradient accumulation, data parallel); ``"mean"`` only.
+        num_sequences: for the sequence granularities, the global count of sequences with a valid
+            token (see :func:`unlearning_losses.global_counts`); ``"mean"`` only. ``"batch"``
+            granularity is not a mean over items and takes neither.
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-sequence / per-token values.
     """
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        vocab_group=vocab_group,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    ref = reference_logprobs(tokens, logits, ref_logprobs, ref_logits, backend)
+    count = check_npo_count(num_items_in_batch, num_sequences, granularity, reduction, tokens)
+    ref = reference_logprobs(
+        tokens, logits, ref_logprobs, ref_logits, backend, vocab_group=vocab_group
+    )
     logprobs = ops.label_logprobs(
         tokens.logits,
         tokens.targets,
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )
-    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction)
+    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction, count)
     return tokens.unflatten(result) if granularity == "token" else result
 
 
+def check_npo_count(
+    num_items_in_batch: object,
+    num_sequences: object,
+    granularity: str,
+    reduction: str,
+    tokens: _tokens.Tokens,
+) -> int | Tensor | None:
+    """The global count that matches the granularity: tokens for ``"token"``, sequences else."""
+    items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
+    sequences = _checks.check_mean_count(
+        num_sequences, tokens.logits, reduction, name="num_sequences"
+    )
+    if items is not None and granularity != "token":
+        raise ValueError(
+            'num_items_in_batch applies to granularity="token" only (use num_sequences for '
+            f"sequence granularities); got granularity={granularity!r}"
+        )
+    if sequences is not None and granularity not in ("sequence", "sequence_mean"):
+        raise ValueError(
+            'num_sequences applies to granularity="sequence" or "sequence_mean" only; '
+            f"got granularity={granularity!r}"
+        )
+    return items if items is not None else sequences
+
+
 def npo_from_logprobs(
-    logprobs: Tensor, ref: Tensor, valid: Tensor, beta: float, granularity: str, reduction: str
+    logprobs: Tensor,
+    ref: Tensor,
+    valid: Tensor,
+    beta: float,
+    granularity: str,
+    reduction: str,
+    count: int | Tensor | None = None,
 ) -> Tensor:
-    """NPO of per-token model and reference log-probs ``(B, L)`` (see :func:`npo_loss`)."""
+    """NPO of per-token model and reference log-probs ``(B, L)`` (see :func:`npo_loss`).
+
+    ``count`` is the global number of tokens (``"token"``) or sequences that the mean divides by.
+    """
     log_ratio = (logprobs - ref.to(logprobs.dtype)).masked_fill(~valid, 0.0)
 
     def npo(delta: Tensor) -> Tensor:
         return F.softplus(beta * delta) * (2.0 / beta)
 
     if granularity == "token":
-        return token_reduce(npo(log_ratio), valid, reduction)
+        return token_reduce(npo(log_ratio), valid, reduction, count)
     if granularity == "batch":
         count = valid.sum()
         delta = log_ratio.sum() / count.clamp(min=1)
         return torch.where(count > 0, npo(delta), 0.0)
     sums, counts = sequence_sums(log_ratio, valid)
     delta = sums if granularity == "sequence" else sums / counts.clamp(min=1)
-    return sequence_reduce(npo(delta), counts > 0, reduction)
+    return sequence_reduce(npo(delta), counts > 0, reduction, count)

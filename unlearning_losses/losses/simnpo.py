@@ -18,9 +18,11 @@ def simnpo_loss(
     ignore_index: int = -100,
     shift: bool = True,
     reduction: Reduction = "mean",
+    num_sequences: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""SimNPO forget loss (Fan et al., 2024, "Simplicity Prevails"), to minimize.
 
@@ -33,36 +35,52 @@ def simnpo_loss(
     :math:`2\sigma(-\beta(\bar L_i - \delta))`, which fades once a sequence is forgotten.
 
     Args:
-        logits, labels, ignore_index, shift, backend, validate, inplace_backward: as :func:`ga_loss`.
+        logits, labels, ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
+            :func:`ga_loss`.
         beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).
         delta: margin on the mean NLL, finite.
         reduction: ``"mean"`` over sequences, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty ones).
             2-D input is one sequence.
+        num_sequences: the global count of sequences with a valid token (data parallel; see
+            :func:`unlearning_losses.global_counts`); ``"mean"`` only.
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-sequence values.
     """
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        vocab_group=vocab_group,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    count = _checks.check_mean_count(num_sequences, tokens.logits, reduction, "num_sequences")
     logprobs = ops.label_logprobs(
         tokens.logits,
         tokens.targets,
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
+        vocab_group=vocab_group,
     )
-    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction)
+    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count)
 
 
 def simnpo_from_logprobs(
-    logprobs: Tensor, valid: Tensor, beta: float, delta: float, reduction: str
+    logprobs: Tensor,
+    valid: Tensor,
+    beta: float,
+    delta: float,
+    reduction: str,
+    num_sequences: int | Tensor | None = None,
 ) -> Tensor:
     """SimNPO of per-token log-probs ``(B, L)`` (see :func:`simnpo_loss`)."""
     sums, counts = sequence_sums(logprobs, valid)
     mean_nll = -sums / counts.clamp(min=1)
     per_sequence = F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)
-    return sequence_reduce(per_sequence, counts > 0, reduction)
+    return sequence_reduce(per_sequence, counts > 0, reduction, num_sequences)

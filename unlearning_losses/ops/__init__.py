@@ -45,11 +45,17 @@ def label_logprobs(
     *,
     backend: str = "auto",
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     """log p(target) per row of ``logits[:, :L]``: float32 (float64 for float64), 0 where not valid.
 
-    ``targets`` and ``valid`` are ``(B, L)``. Differentiable in ``logits``.
+    ``targets`` and ``valid`` are ``(B, L)``. Differentiable in ``logits``. With ``vocab_group``
+    (a ``torch.distributed`` process group) the logits hold this rank's shard of the vocabulary.
     """
+    if vocab_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.VocabParallelLogprobs.apply(logits, targets, valid, vocab_group)
     which = resolve_backend(backend, logits)
     out, _ = custom_ops.logprobs(logits, targets, valid, which, inplace_backward)
     return out
@@ -63,14 +69,33 @@ def token_kl(
     forward_kl: bool,
     backend: str = "auto",
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, P from ``logits``.
 
-    Differentiable in ``logits`` only (``ref_logits`` is a constant); 0 where not valid.
+    Differentiable in ``logits`` only (``ref_logits`` is a constant); 0 where not valid. With
+    ``vocab_group`` both hold this rank's shard of the vocabulary.
     """
+    if vocab_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.VocabParallelTokenKL.apply(
+            logits, ref_logits, valid, forward_kl, vocab_group
+        )
     which = resolve_backend(backend, logits)
     out, _, _ = custom_ops.token_kl(logits, ref_logits, valid, forward_kl, which, inplace_backward)
     return out
+
+
+def soft_target_cross_entropy(
+    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, *, label_shift: float
+) -> Tensor:
+    """-sum_v q_v log p_v per row of ``[:, :L]``, Q = softmax(ref_logits - label_shift * onehot).
+
+    The target distribution Q is a constant; the gradient w.r.t. the logits is ``p - q``. Chunked
+    PyTorch on every device (UNDIAL and CE-U; no Triton kernel yet); 0 where not valid.
+    """
+    return custom_ops.soft_target_ce(logits, ref_logits, targets, valid, label_shift)
 
 
 def _require_triton(logits: Tensor) -> None:

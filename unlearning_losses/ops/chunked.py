@@ -186,3 +186,53 @@ def kl_backward(
             inner = torch.softmax(logits[b, t], -1, dtype=acc)
             inner.sub_(torch.softmax(ref_logits[b, t], -1, dtype=acc))
         torch.mul(inner, scale[b, t, None], out=grad[b, t])
+
+
+def _soft_target_log_probs(
+    ref_logits: Tensor, targets: Tensor, label_shift: float, acc: torch.dtype
+) -> Tensor:
+    """log of the target distribution ``softmax(ref_logits - label_shift * onehot(target))``."""
+    ref = ref_logits.to(acc, copy=True)
+    lowered = ref.gather(-1, targets[..., None]) - label_shift
+    return torch.log_softmax(ref.scatter_(-1, targets[..., None], lowered), -1)
+
+
+def soft_target_forward(
+    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, label_shift: float
+) -> Tensor:
+    """Per-token cross-entropy ``-sum_v q_v log p_v`` over rows ``[:, :L]``; 0 where not valid.
+
+    P is the softmax of ``logits``; Q that of ``ref_logits`` with the target's logit lowered by
+    ``label_shift`` (``inf`` removes the target from Q). Entries where Q is 0 contribute 0.
+    """
+    acc = accumulation_dtype(logits.dtype)
+    out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+    safe_targets = torch.where(valid, targets, 0)
+    for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
+        logq = _soft_target_log_probs(ref_logits[b, t], safe_targets[b, t], label_shift, acc)
+        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
+        # q_v = 0 where log p_v = -inf must give 0, not NaN: floor log p (NaN stays NaN).
+        cross = logq.exp_().mul_(logp.clamp_min_(torch.finfo(acc).min)).sum(-1).neg_()
+        out[b, t] = torch.where(valid[b, t], cross, 0.0)
+    return out
+
+
+def soft_target_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    label_shift: float,
+    grad: Tensor,
+) -> None:
+    """Write d(sum grad_out * CE) / d logits = grad_out (p - q) into ``grad``."""
+    acc = accumulation_dtype(logits.dtype)
+    groups = row_groups(valid, logits.shape[-1])
+    zero_outside(grad, groups)
+    scale = torch.where(valid, grad_out.to(acc), 0.0)
+    safe_targets = torch.where(valid, targets, 0)
+    for b, t in row_chunks(groups, logits.shape[-1]):
+        q = _soft_target_log_probs(ref_logits[b, t], safe_targets[b, t], label_shift, acc).exp_()
+        inner = torch.softmax(logits[b, t], -1, dtype=acc).sub_(q)
+        torch.mul(inner, scale[b, t, None], out=grad[b, t])

@@ -160,3 +160,53 @@ def _kl_grad(ctx, grad_out, _grad_lse, _grad_ref_lse):
 
 
 token_kl.register_autograd(_kl_grad, setup_context=_kl_setup)
+
+
+# --- cross-entropy to a soft target built from reference logits ----------------------------------
+
+
+@torch.library.custom_op("unlearning_losses::soft_target_ce", mutates_args=())
+def soft_target_ce(
+    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, label_shift: float
+) -> Tensor:
+    """Per-token cross-entropy from ``softmax(ref_logits - label_shift * onehot)`` to the model."""
+    return chunked.soft_target_forward(logits, ref_logits, targets, valid, label_shift)
+
+
+@soft_target_ce.register_fake
+def _(logits, ref_logits, targets, valid, label_shift):
+    return _per_token(logits, valid)
+
+
+@torch.library.custom_op("unlearning_losses::soft_target_ce_backward", mutates_args=("grad",))
+def soft_target_ce_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    label_shift: float,
+    grad: Tensor,
+) -> None:
+    chunked.soft_target_backward(grad_out, logits, ref_logits, targets, valid, label_shift, grad)
+
+
+@soft_target_ce_backward.register_fake
+def _(grad_out, logits, ref_logits, targets, valid, label_shift, grad):
+    return None
+
+
+def _soft_target_setup(ctx, inputs, output) -> None:
+    logits, ref_logits, targets, valid, label_shift = inputs
+    ctx.save_for_backward(logits, ref_logits, targets, valid)
+    ctx.label_shift = label_shift
+
+
+def _soft_target_grad(ctx, grad_out):
+    logits, ref_logits, targets, valid = ctx.saved_tensors
+    grad = torch.empty_like(logits)
+    soft_target_ce_backward(grad_out, logits, ref_logits, targets, valid, ctx.label_shift, grad)
+    return grad, None, None, None, None
+
+
+soft_target_ce.register_autograd(_soft_target_grad, setup_context=_soft_target_setup)

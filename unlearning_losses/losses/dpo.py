@@ -1,0 +1,124 @@
+"""Direct Preference Optimization on a preferred (e.g. refusal) and a dispreferred (forget) answer."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _checks, _tokens, ops
+from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
+from .npo import reference_logprobs
+
+
+def _side(
+    logits: Tensor,
+    labels: Tensor,
+    name: str,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+    validate: bool,
+    vocab_group: object,
+) -> _tokens.Tokens:
+    return _tokens.align(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        name=f"{name}_logits",
+        labels_name=f"{name}_labels",
+        vocab_group=vocab_group,
+    )
+
+
+def dpo_loss(
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    rejected_logits: Tensor,
+    rejected_labels: Tensor,
+    *,
+    ref_chosen_logprobs: Tensor | None = None,
+    ref_chosen_logits: Tensor | None = None,
+    ref_rejected_logprobs: Tensor | None = None,
+    ref_rejected_logits: Tensor | None = None,
+    beta: float = 0.1,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_sequences: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
+    validate: bool = False,
+    vocab_group: object = None,
+) -> Tensor:
+    r"""DPO loss on answer pairs (Rafailov et al., 2023), the IdkDPO baseline of unlearning.
+
+    With :math:`\Delta^w_i = \sum_{t} (\ell^w_t - r^w_t)` the summed log-ratio of the model to the
+    frozen reference on the chosen answer of pair *i* (e.g. "I don't know."), and
+    :math:`\Delta^l_i` the same on the rejected one (the forget answer),
+
+    .. math:: \mathcal{L}_{DPO} = -\log\sigma\big(\beta(\Delta^w_i - \Delta^l_i)\big)
+
+    averaged over pairs with at least one valid token on either side (Maini et al., 2024, "TOFU"
+    use it with a refusal as the chosen answer; β = 0.1 as in the DPO paper). Without the chosen
+    side it is NPO up to the factor :math:`2/\beta`.
+
+    Args:
+        chosen_logits, rejected_logits: ``(B, T_w, V)`` and ``(B, T_l, V)`` (or ``(N_w, V)`` and
+            ``(N_l, V)``: one pair), the model on each answer.
+        chosen_labels, rejected_labels: their labels, ``ignore_index`` at prompt and padding.
+        ref_chosen_logprobs, ref_chosen_logits: the reference on the chosen answers, exactly one
+            (cached per-token log-probs as :func:`token_logprobs` gives them, or logits).
+        ref_rejected_logprobs, ref_rejected_logits: the same for the rejected answers.
+        beta: inverse temperature, > 0.
+        reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty pairs).
+        num_sequences: the global count of non-empty pairs (data parallel); ``"mean"`` only.
+        ignore_index, shift, backend, validate, vocab_group: as :func:`ga_loss`.
+    """
+    args = (ignore_index, shift, backend, validate, vocab_group)
+    chosen = _side(chosen_logits, chosen_labels, "chosen", *args)
+    rejected = _side(rejected_logits, rejected_labels, "rejected", *args)
+    if chosen.flat != rejected.flat or chosen.logits.shape[0] != rejected.logits.shape[0]:
+        raise ValueError(
+            "rejected_logits must hold as many sequences as chosen_logits, with the same number "
+            f"of dimensions; got {tuple(rejected_logits.shape)} and {tuple(chosen_logits.shape)}"
+        )
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    count = _checks.check_mean_count(num_sequences, chosen.logits, reduction, "num_sequences")
+    ref_chosen = reference_logprobs(
+        chosen,
+        chosen_logits,
+        ref_chosen_logprobs,
+        ref_chosen_logits,
+        backend,
+        names=("ref_chosen_logprobs", "ref_chosen_logits"),
+        logits_name="chosen_logits",
+        vocab_group=vocab_group,
+    )
+    ref_rejected = reference_logprobs(
+        rejected,
+        rejected_logits,
+        ref_rejected_logprobs,
+        ref_rejected_logits,
+        backend,
+        names=("ref_rejected_logprobs", "ref_rejected_logits"),
+        logits_name="rejected_logits",
+        vocab_group=vocab_group,
+    )
+    chosen_ratio, chosen_counts = _summed_log_ratio(chosen, ref_chosen, backend, vocab_group)
+    rejected_ratio, rejected_counts = _summed_log_ratio(
+        rejected, ref_rejected, backend, vocab_group
+    )
+    per_pair = F.softplus(-beta * (chosen_ratio - rejected_ratio))
+    return sequence_reduce(per_pair, (chosen_counts + rejected_counts) > 0, reduction, count)
+
+
+def _summed_log_ratio(
+    tokens: _tokens.Tokens, ref: Tensor, backend: str, vocab_group: object
+) -> tuple[Tensor, Tensor]:
+    logprobs = ops.label_logprobs(
+        tokens.logits, tokens.targets, tokens.valid, backend=backend, vocab_group=vocab_group
+    )
+    return sequence_sums(logprobs - ref.to(logprobs.dtype), tokens.valid)

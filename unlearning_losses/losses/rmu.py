@@ -1,0 +1,124 @@
+"""RMU: unlearning in activation space, by steering one layer's hidden states."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..reductions import token_reduce
+
+
+def rmu_control_vector(
+    hidden_size: int,
+    *,
+    steering_coeff: float = 6.5,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""RMU's fixed random direction :math:`c\,u/\lVert u \rVert`, ``u`` uniform in ``[0, 1)^H``.
+
+    Draw it once per unlearning run (pass a seeded ``generator`` to reproduce it) and reuse it for
+    every step. ``steering_coeff`` :math:`c` is 6.5 in the WMDP paper's Zephyr-7B run;
+    open-unlearning's config uses 300 for its models: it must be large relative to the layer's
+    activation norms.
+    """
+    hidden_size = _checks.check_int(hidden_size, "hidden_size")
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1; got {hidden_size}")
+    coeff = _checks.check_finite_number(steering_coeff, "steering_coeff", positive=True)
+    direction = torch.rand(hidden_size, generator=generator, dtype=torch.float64)
+    return (direction / direction.norm() * coeff).to(device=device, dtype=dtype)
+
+
+def _check_activations(hidden: object, name: str, like: Tensor | None = None) -> Tensor:
+    hidden = _checks.check_logits(hidden, name)
+    if like is not None:
+        _checks.check_like(hidden, like, name, "retain_hidden")
+    return hidden
+
+
+def _positions(hidden: Tensor, labels: object, name: str, ignore_index: int) -> Tensor:
+    """The positions that count: every one without labels, else ``labels != ignore_index``."""
+    if labels is None:
+        return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+    labels = _checks.check_labels(labels, hidden, name, ref_name=name.replace("labels", "hidden"))
+    return labels != ignore_index
+
+
+def _squared_distance(hidden: Tensor, target: Tensor) -> Tensor:
+    """Per position, the mean over the hidden axis of the squared difference, in float32."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (hidden.to(acc) - target.to(acc)).square().mean(-1)
+
+
+def rmu_loss(
+    forget_hidden: Tensor,
+    retain_hidden: Tensor,
+    ref_retain_hidden: Tensor,
+    control_vector: Tensor,
+    *,
+    forget_labels: Tensor | None = None,
+    retain_labels: Tensor | None = None,
+    alpha: float = 1200.0,
+    ignore_index: int = -100,
+    num_forget_items: int | Tensor | None = None,
+    num_retain_items: int | Tensor | None = None,
+) -> Tensor:
+    r"""RMU (Representation Misdirection for Unlearning) loss, to minimize.
+
+    With :math:`h_t` the chosen layer's hidden state at forget position *t*, :math:`h'_s` at retain
+    position *s*, :math:`h^{ref}_s` the frozen model's at the same layer, and :math:`c\,u` the
+    control vector (:func:`rmu_control_vector`),
+
+    .. math:: \mathcal{L}_{RMU} = \frac{1}{|M_f|}\sum_{t\in M_f} \frac{1}{H}\lVert h_t - c\,u\rVert^2
+              + \alpha\,\frac{1}{|M_r|}\sum_{s\in M_r} \frac{1}{H}\lVert h'_s - h^{ref}_s\rVert^2
+
+    (Li et al., 2024, "The WMDP Benchmark", whose Zephyr-7B run uses α = 1200, c = 6.5 at layer
+    7). The forget term scrambles the layer's representation of the forget text; the retain term
+    keeps it where the frozen model had it. Positions are counted, not padded: the mean runs over
+    valid positions only (the original code averages over every position, padding included).
+
+    Args:
+        forget_hidden: ``(B, T, H)`` or ``(N, H)`` activations of the trained model on the forget
+            batch (e.g. from a forward hook on the layer's output).
+        retain_hidden: the trained model's activations on the retain batch.
+        ref_retain_hidden: the frozen model's, same shape, dtype and device (a constant).
+        control_vector: ``(H,)`` (a constant).
+        forget_labels, retain_labels: ``(B, T)`` or ``(N,)``; positions equal to
+            ``ignore_index`` do not count. No shift: activation *t* belongs to token *t*. ``None``
+            counts every position.
+        alpha: weight of the retain term, finite.
+        num_forget_items, num_retain_items: global counts of valid positions (data parallel), as
+            ``num_items_in_batch`` elsewhere.
+
+    Returns:
+        A float32 scalar (float64 for float64 activations); an empty side contributes 0.
+    """
+    forget_hidden = _check_activations(forget_hidden, "forget_hidden")
+    retain_hidden = _check_activations(retain_hidden, "retain_hidden")
+    ref_retain_hidden = _check_activations(ref_retain_hidden, "ref_retain_hidden", retain_hidden)
+    control_vector = _checks.check_tensor(control_vector, "control_vector")
+    if tuple(control_vector.shape) != (forget_hidden.shape[-1],):
+        raise ValueError(
+            f"control_vector must have shape ({forget_hidden.shape[-1]},) to match forget_hidden "
+            f"{tuple(forget_hidden.shape)}; got {tuple(control_vector.shape)}"
+        )
+    if retain_hidden.shape[-1] != forget_hidden.shape[-1]:
+        raise ValueError(
+            f"retain_hidden must have hidden size {forget_hidden.shape[-1]} to match "
+            f"forget_hidden; got {tuple(retain_hidden.shape)}"
+        )
+    _checks.check_same_device(control_vector, forget_hidden, "control_vector", "forget_hidden")
+    _checks.check_int(ignore_index, "ignore_index")
+    alpha = _checks.check_finite_number(alpha, "alpha")
+    forget_valid = _positions(forget_hidden, forget_labels, "forget_labels", ignore_index)
+    retain_valid = _positions(retain_hidden, retain_labels, "retain_labels", ignore_index)
+    forget_count = _checks.check_num_items(num_forget_items, forget_hidden, "num_forget_items")
+    retain_count = _checks.check_num_items(num_retain_items, retain_hidden, "num_retain_items")
+    forget = _squared_distance(forget_hidden, control_vector.detach())
+    retain = _squared_distance(retain_hidden, ref_retain_hidden.detach())
+    return token_reduce(forget, forget_valid, "mean", forget_count) + alpha * token_reduce(
+        retain, retain_valid, "mean", retain_count
+    )

@@ -1,0 +1,135 @@
+r"""Forget losses that distil the model toward a soft target without the label: UNDIAL and CE-U.
+
+Both are the token mean of the cross-entropy :math:`-\sum_v q_v \log p_\theta(v)` from a
+constant target distribution Q to the model. Q is a softmax of logits with the label's logit
+lowered: by ``beta`` on the reference model's logits (UNDIAL) or removed from the model's own
+detached logits (CE-U). One chunked pass forward, one backward; the gradient w.r.t. the logits
+is ``p - q``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from .. import _checks, _tokens, ops
+from ..reductions import REDUCTIONS, Reduction, token_reduce
+
+
+def _soft_target_mean(
+    logits: Tensor,
+    ref_logits: Tensor | None,
+    labels: Tensor,
+    label_shift: float,
+    ignore_index: int,
+    shift: bool,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    validate: bool,
+) -> Tensor:
+    tokens = _tokens.align(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend="torch", validate=validate
+    )
+    if ref_logits is None:
+        if tokens.logits.shape[-1] < 2:
+            raise ValueError(
+                "logits must have a vocabulary of at least 2 entries: removing the label from a "
+                f"vocabulary of 1 leaves no target; got {tuple(logits.shape)}"
+            )
+        target_logits = tokens.logits.detach()
+    else:
+        target_logits = tokens.batched(_checks.check_like(ref_logits, logits, "ref_logits"))
+    _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
+    per_token = ops.soft_target_cross_entropy(
+        tokens.logits, target_logits, tokens.targets, tokens.valid, label_shift=label_shift
+    )
+    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+
+
+def undial_loss(
+    logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    *,
+    beta: float = 10.0,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    validate: bool = False,
+) -> Tensor:
+    r"""UNDIAL forget loss: self-distillation toward the reference with the label's logit lowered.
+
+    .. math:: q = \operatorname{softmax}(z^{ref} - \beta\, e_{y_t}), \qquad
+              \mathcal{L}_{UNDIAL} = \frac{1}{|M|}\sum_{t\in M} -\sum_v q_v \log p_\theta(v)
+
+    (Dong et al., 2025, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
+    Large Language Models"). The model is pulled toward the reference everywhere except that the
+    memorised token is made less likely by the factor :math:`e^{-\beta}` before renormalising, which
+    keeps the update bounded where gradient ascent diverges. Masked and shifted like every loss here
+    (open-unlearning's version averages over every position, prompt and padding included).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)``, the model being unlearned.
+        ref_logits: the frozen reference, same shape, dtype and device (a constant).
+        labels: ``(B, T)`` or ``(N,)``, ``ignore_index`` at prompt and padding.
+        beta: how far the label's logit is lowered, >= 0 (default 10.0, open-unlearning's
+            config; 0 is plain distillation to the reference).
+        ignore_index, shift, reduction, num_items_in_batch, validate: as :func:`ga_loss`.
+
+    Runs on the chunked PyTorch path on every device (no Triton kernel yet).
+    """
+    beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
+    return _soft_target_mean(
+        logits,
+        ref_logits,
+        labels,
+        beta,
+        ignore_index,
+        shift,
+        reduction,
+        num_items_in_batch,
+        validate,
+    )
+
+
+def ceu_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    validate: bool = False,
+) -> Tensor:
+    r"""CE-U (cross-entropy unlearning) forget loss, to minimize.
+
+    .. math:: q = \operatorname{softmax}\big(\operatorname{sg}[z]\ \text{with}\ z_{y_t} = -\infty\big),
+              \qquad \mathcal{L}_{CE\text{-}U} = \frac{1}{|M|}\sum_{t\in M} -\sum_{v} q_v \log p_\theta(v)
+
+    (Yang et al., 2025, "CE-U: Cross Entropy Unlearning"). The target is the model's own
+    distribution with the label removed and renormalised, so the gradient ``p - q`` moves mass off
+    the label only: at the label it is :math:`p_y`, bounded, unlike gradient ascent's. The paper
+    also leaves out each answer's first token; mask it in ``labels`` for that (open-unlearning's
+    ``ignore_first_n_answer_tokens``; see :func:`unlearning_losses.compat.open_unlearning.ceu_loss`).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
+        ignore_index, labels, shift, reduction, num_items_in_batch, validate: as :func:`ga_loss`.
+
+    Runs on the chunked PyTorch path on every device (no Triton kernel yet).
+    """
+    return _soft_target_mean(
+        logits,
+        None,
+        labels,
+        math.inf,
+        ignore_index,
+        shift,
+        reduction,
+        num_items_in_batch,
+        validate,
+    )

@@ -1,0 +1,137 @@
+"""The token reductions over vocabulary-parallel (tensor-parallel) logits.
+
+Each rank of ``group`` holds the columns ``[rank * V_local, (rank + 1) * V_local)`` of the logits,
+as Megatron-style vocab-parallel output heads produce them. A row's global log-sum-exp combines the
+ranks' local ones with two all-reduces (``max``, then ``sum`` of the rescaled partial sums); the
+label logit travels in the same ``sum``. The KL needs one more ``sum`` for its weighted terms. Each
+backward is local: ``d/dz_j`` of the per-token value depends only on column ``j`` and the global
+per-row statistics saved by the forward. Rows are walked in chunks as in ``chunked``; the float32
+temporaries are chunk-sized, the communication is ``(B, L)`` per-token values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .chunked import accumulation_dtype, log_ratio, row_chunks, row_groups, zero_outside
+
+
+def global_vocab_size(logits: Tensor, group: object) -> int:
+    """The unsharded vocabulary: every rank holds ``logits.shape[-1]`` columns."""
+    return logits.shape[-1] * dist.get_world_size(group)
+
+
+def _global_lse(local_lse: Tensor, group: object, extra: Tensor | None = None):
+    """Combine per-rank log-sum-exps ``(..., B, L)`` into the global ones (and sum ``extra``)."""
+    top = local_lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    # A row that is -inf everywhere keeps its -inf log-sum-exp instead of turning NaN.
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    partial = torch.exp(local_lse - top)
+    if extra is not None:
+        partial = torch.cat([partial, extra[None]])
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    lse = top + torch.log(partial[: len(local_lse)])
+    return (lse, partial[-1]) if extra is not None else (lse, None)
+
+
+class VocabParallelLogprobs(torch.autograd.Function):
+    """log p(target) per row of ``logits[:, :L]``, the vocabulary sharded over ``group``."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor, group: object
+    ) -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        local_vocab = logits.shape[-1]
+        local_targets = targets - dist.get_rank(group) * local_vocab
+        in_shard = valid & (local_targets >= 0) & (local_targets < local_vocab)
+        local_targets = torch.where(in_shard, local_targets, 0)
+        local_lse = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        label_logit = torch.zeros_like(local_lse)
+        groups = row_groups(valid, local_vocab)
+        for b, t in row_chunks(groups, local_vocab):
+            x = logits[b, t].to(acc)
+            local_lse[b, t] = torch.logsumexp(x, -1)
+            picked = x.gather(-1, local_targets[b, t, None]).squeeze(-1)
+            label_logit[b, t] = torch.where(in_shard[b, t], picked, 0.0)
+        lse, label_logit = _global_lse(local_lse[None], group, label_logit)
+        lse = lse[0]
+        out = torch.where(valid, label_logit - lse, 0.0)
+        ctx.save_for_backward(logits, local_targets, in_shard, valid, lse)
+        ctx.groups = groups
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        logits, local_targets, in_shard, valid, lse = ctx.saved_tensors
+        acc = lse.dtype
+        grad = torch.empty_like(logits)
+        zero_outside(grad, ctx.groups)
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
+        label_scale = torch.where(in_shard, scale, 0.0)
+        # d log p_y / d z_j = 1[j = y] - p_j, the label column living on one rank only.
+        for b, t in row_chunks(ctx.groups, logits.shape[-1]):
+            chunk = torch.sub(logits[b, t].to(acc), lse[b, t, None]).exp_()
+            chunk.mul_(-scale[b, t, None])
+            chunk.scatter_add_(-1, local_targets[b, t, None], label_scale[b, t, None])
+            grad[b, t] = chunk
+        return grad, None, None, None
+
+
+class VocabParallelTokenKL(torch.autograd.Function):
+    """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, vocabulary sharded."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        logits: Tensor,
+        ref_logits: Tensor,
+        valid: Tensor,
+        forward_kl: bool,
+        group: object,
+    ) -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        local_vocab = logits.shape[-1]
+        groups = row_groups(valid, local_vocab)
+        local_lse = torch.zeros((2, *valid.shape), dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab):
+            local_lse[0, b, t] = torch.logsumexp(logits[b, t].to(acc), -1)
+            local_lse[1, b, t] = torch.logsumexp(ref_logits[b, t].to(acc), -1)
+        (lse, ref_lse), _ = _global_lse(local_lse, group)
+        partial = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab):
+            logp = logits[b, t].to(acc) - lse[b, t, None]
+            logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
+            first, second = (logp, logq) if forward_kl else (logq, logp)
+            partial[b, t] = (first.exp() * log_ratio(first, second)).sum(-1)
+        dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+        kl = torch.where(valid, partial, 0.0)
+        ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl)
+        ctx.groups, ctx.forward_kl = groups, forward_kl
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
+        acc = kl.dtype
+        grad = torch.empty_like(logits)
+        zero_outside(grad, ctx.groups)
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
+        for b, t in row_chunks(ctx.groups, logits.shape[-1]):
+            logp = logits[b, t].to(acc) - lse[b, t, None]
+            logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
+            probs = logp.exp()
+            if ctx.forward_kl:
+                # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
+                inner = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
+            else:
+                # d KL(Q||P) / d z_j = p_j - q_j
+                inner = probs.sub_(logq.exp_())
+            grad[b, t] = inner.mul_(scale[b, t, None])
+        return grad, None, None, None, None
