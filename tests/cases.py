@@ -33,14 +33,24 @@ class Case:
 
 
 @st.composite
-def cases(draw, *, min_vocab: int = 1, three_d: bool | None = None, dtypes=DTYPES) -> Case:
+def cases(
+    draw,
+    *,
+    min_vocab: int = 1,
+    three_d: bool | None = None,
+    dtypes=DTYPES,
+    batch: int | None = None,
+    shift: bool | None = None,
+    scales=(1.0, 5.0, 1e4),
+) -> Case:
     dtype = draw(st.sampled_from(dtypes))
     is_3d = draw(st.booleans()) if three_d is None else three_d
     vocab = draw(st.integers(min_vocab, 37))
-    batch = draw(st.integers(1, 3))
+    batch = draw(st.integers(1, 3)) if batch is None else batch
     length = draw(st.integers(1, 6))
-    shift = draw(st.booleans()) if is_3d else False
-    scale = draw(st.sampled_from([1.0, 5.0, 1e4]))
+    if shift is None:
+        shift = draw(st.booleans()) if is_3d else False
+    scale = draw(st.sampled_from(scales))
     ignore_frac = draw(st.sampled_from([0.0, 0.3, 1.0]))
     mask_vocab = draw(st.booleans()) and vocab > 2 and dtype != torch.float16
     seed = draw(st.integers(0, 2**31 - 1))

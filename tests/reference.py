@@ -122,3 +122,74 @@ def simnpo(logits, labels, beta, delta, shift=True):
 
 
 LOG2 = math.log(2.0)
+
+
+def weighted_ga(logits, labels, weight, shift=True):
+    """Token mean of sg[weight(log p)] * log p."""
+    lp = token_logprobs(logits, labels, shift)
+    valid = valid_mask(labels, logits, shift)
+    return token_mean(weight(lp.detach()) * lp, valid)
+
+
+def wga(logits, labels, beta, shift=True):
+    return weighted_ga(logits, labels, lambda lp: lp.exp() ** beta, shift)
+
+
+def satimp(logits, labels, beta1, beta2, shift=True):
+    return weighted_ga(
+        logits, labels, lambda lp: lp.exp() ** beta1 * (1 - lp.exp()) ** beta2, shift
+    )
+
+
+def tnpo(logits, labels, ref_logprobs, beta, shift=True):
+    ref = ref_logprobs.double()
+    return weighted_ga(logits, labels, lambda lp: 2 * torch.sigmoid(beta * (lp - ref)), shift)
+
+
+def dpo(chosen, chosen_labels, rejected, rejected_labels, ref_chosen, ref_rejected, beta, shift):
+    """Mean over pairs with a valid token on either side of -log sigmoid(beta (dw - dl))."""
+    sides = []
+    for logits, labels, ref_lp in (
+        (chosen, chosen_labels, ref_chosen),
+        (rejected, rejected_labels, ref_rejected),
+    ):
+        lp, valid = _sequences(logits, labels, shift)
+        ratio = torch.where(valid, lp - ref_lp.double().reshape(lp.shape), torch.zeros_like(lp))
+        sides.append((ratio.sum(-1), valid.sum(-1)))
+    (dw, nw), (dl, nl) = sides
+    losses = [
+        softplus(-beta * (dw[i] - dl[i])) for i in range(len(dw)) if int(nw[i]) + int(nl[i]) > 0
+    ]
+    return torch.stack(losses).mean() if losses else (dw.sum() + dl.sum()) * 0
+
+
+def soft_target_ce(logits, target_logits, labels, label_shift, shift=True):
+    """Token mean of -sum_v q_v log p_v with q = softmax(target - shift * onehot(label))."""
+    x, y, valid, _ = align(logits, labels, shift)
+    t = align(target_logits, labels, shift)[0].double().detach().clone()
+    rows = torch.arange(len(y))[valid]
+    t[rows, y[valid]] = t[rows, y[valid]] - label_shift
+    q = torch.softmax(t, -1)
+    logp = log_softmax(x)
+    ce = -torch.where(q > 0, q * logp, torch.zeros_like(q)).sum(-1)
+    return token_mean(ce, valid)
+
+
+def undial(logits, ref_logits, labels, beta, shift=True):
+    return soft_target_ce(logits, ref_logits, labels, beta, shift)
+
+
+def ceu(logits, labels, shift=True):
+    return soft_target_ce(logits, logits, labels, math.inf, shift)
+
+
+def rmu(forget, retain, ref_retain, control, forget_valid, retain_valid, alpha):
+    """Token means over valid positions of the per-position mean squared distance."""
+
+    def distance(h, target, valid):
+        d = ((h.double() - target.double()) ** 2).mean(-1)
+        return token_mean(d, valid)
+
+    return distance(forget, control, forget_valid) + alpha * distance(
+        retain, ref_retain, retain_valid
+    )

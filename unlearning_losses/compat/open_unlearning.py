@@ -1,8 +1,10 @@
-"""open-unlearning's GradDiff, NPO, SimNPO and retain KL, computed from logits.
+"""open-unlearning's trainers' losses, computed from logits (or activations for RMU).
 
-Each trainer returns ``gamma * forget + alpha * retain``, the retain term being the Hugging Face
-NLL (``retain_loss_type="NLL"``) or :func:`retain_kl_loss` against a frozen reference (``"KL"``).
-Defaults are those of the trainer classes.
+GradDiff, NPO, SimNPO, DPO, WGA, SatImp, UNDIAL, CE-U and RMU. Each trainer but CE-U returns
+``gamma * forget + alpha * retain``, the retain term being the Hugging Face NLL
+(``retain_loss_type="NLL"``) or :func:`retain_kl_loss` against a frozen reference (``"KL"``); RMU's
+is its activation-matching term. Defaults are those of the trainer classes. Every quirk that moves
+a number is kept and named; where open-unlearning gives NaN (an empty selection), these give 0.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from torch import Tensor
 from .. import _checks, _tokens
 from ..losses.kl import kl_divergence
 from ..losses.nll import ga_loss, nll_loss
-from ..ops import Backend, label_logprobs
+from ..losses.rmu import activation_distance, checked_rmu_inputs
+from ..losses.soft_targets import ceu_loss as _ceu_loss
+from ..losses.weighted import satimp_loss as _satimp_loss
+from ..losses.weighted import wga_loss as _wga_loss
+from ..ops import Backend, label_logprobs, soft_target_cross_entropy
 
 RetainLossType = Literal["NLL", "KL"]
 
@@ -46,6 +52,33 @@ def _retain_term(
     if ref_retain_logits is None:
         raise ValueError('retain_loss_type="KL" needs ref_retain_logits; got None')
     return retain_kl_loss(retain_logits, ref_retain_logits, backend=backend)
+
+
+def _summed_log_ratio(
+    logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    name: str,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    """Per sequence, the summed shifted log-ratio of model to reference (``compute_batch_nll``)."""
+    tokens = _tokens.align(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=True,
+        backend=backend,
+        name=f"{name}_logits",
+        labels_name=f"{name}_labels",
+    )
+    ref_logits = _checks.check_like(ref_logits, logits, f"ref_{name}_logits", f"{name}_logits")
+    logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    with torch.no_grad():
+        ref_logprobs = label_logprobs(
+            tokens.batched(ref_logits), tokens.targets, tokens.valid, backend=backend
+        )
+    return (logprobs - ref_logprobs).sum(-1)
 
 
 def _weights(gamma: float, alpha: float) -> tuple[float, float]:
@@ -98,16 +131,9 @@ def npo_loss(
     """
     gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    tokens = _tokens.align(
-        forget_logits, forget_labels, ignore_index=ignore_index, shift=True, backend=backend
+    delta = _summed_log_ratio(
+        forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
     )
-    ref_forget_logits = _checks.check_like(ref_forget_logits, forget_logits, "ref_forget_logits")
-    logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
-    with torch.no_grad():
-        ref_logprobs = label_logprobs(
-            tokens.batched(ref_forget_logits), tokens.targets, tokens.valid, backend=backend
-        )
-    delta = (logprobs - ref_logprobs).sum(-1)
     forget = (F.softplus(beta * delta) * (2.0 / beta)).mean()
     retain = _retain_term(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
@@ -151,4 +177,227 @@ def simnpo_loss(
     retain = _retain_term(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
+    return gamma * forget + alpha * retain
+
+
+def dpo_loss(
+    forget_logits: Tensor,
+    ref_forget_logits: Tensor,
+    forget_labels: Tensor,
+    alternate_logits: Tensor,
+    ref_alternate_logits: Tensor,
+    alternate_labels: Tensor,
+    retain_logits: Tensor,
+    retain_labels: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    retain_loss_type: RetainLossType = "NLL",
+    ref_retain_logits: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""open-unlearning's DPO (IdkDPO with an "I don't know" alternate answer):
+    :math:`-\gamma\frac{2}{\beta}\log\sigma(\beta(\Delta^{alt}_i - \Delta^{forget}_i))` averaged
+    over all pairs, plus :math:`\alpha\,\text{retain}`.
+
+    Quirks kept: the :math:`2/\beta` factor (the DPO paper and
+    :func:`unlearning_losses.dpo_loss` have none), and pairs without a valid label enter the mean
+    with :math:`\Delta = 0`. :math:`\Delta` is the summed log-ratio to the reference.
+    """
+    gamma, alpha = _weights(gamma, alpha)
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    lose = _summed_log_ratio(
+        forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
+    )
+    win = _summed_log_ratio(
+        alternate_logits, ref_alternate_logits, alternate_labels, "alternate", ignore_index, backend
+    )
+    if win.shape != lose.shape:
+        raise ValueError(
+            f"alternate_logits must hold as many sequences as forget_logits ({lose.shape[0]}); "
+            f"got {win.shape[0]}"
+        )
+    forget = (F.logsigmoid(beta * (win - lose)) * (-2.0 / beta)).mean()
+    retain = _retain_term(
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
+    )
+    return gamma * forget + alpha * retain
+
+
+def wga_loss(
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor,
+    retain_labels: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    retain_loss_type: RetainLossType = "NLL",
+    ref_retain_logits: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""open-unlearning's WGA: :math:`\gamma\,` :func:`unlearning_losses.wga_loss`
+    :math:`+\ \alpha\,\text{retain}`; its forget term is the same token mean of
+    :math:`\operatorname{sg}[p^\beta]\,\ell`. No quirk in the forget term."""
+    gamma, alpha = _weights(gamma, alpha)
+    forget = _wga_loss(
+        forget_logits, forget_labels, beta=beta, ignore_index=ignore_index, backend=backend
+    )
+    retain = _retain_term(
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
+    )
+    return gamma * forget + alpha * retain
+
+
+def satimp_loss(
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor,
+    retain_labels: Tensor,
+    *,
+    beta1: float = 5.0,
+    beta2: float = 1.0,
+    gamma: float = 1.0,
+    alpha: float = 0.1,
+    retain_loss_type: RetainLossType = "NLL",
+    ref_retain_logits: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""open-unlearning's SatImp: :math:`\gamma\,` :func:`unlearning_losses.satimp_loss`
+    :math:`+\ \alpha\,\text{retain}` (note its default :math:`\alpha = 0.1`). No quirk in the
+    forget term."""
+    gamma, alpha = _weights(gamma, alpha)
+    forget = _satimp_loss(
+        forget_logits,
+        forget_labels,
+        beta1=beta1,
+        beta2=beta2,
+        ignore_index=ignore_index,
+        backend=backend,
+    )
+    retain = _retain_term(
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
+    )
+    return gamma * forget + alpha * retain
+
+
+def undial_loss(
+    forget_logits: Tensor,
+    ref_forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor,
+    retain_labels: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    retain_loss_type: RetainLossType = "NLL",
+    ref_retain_logits: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""open-unlearning's UNDIAL: :math:`\gamma\,\mathrm{CE}(q, p_\theta)` with
+    :math:`q = \operatorname{softmax}(z^{ref} - \beta e_y)`, plus :math:`\alpha\,\text{retain}`.
+
+    Quirks kept: the mean runs over **every** shifted position, prompt and padding included, and
+    at an ignored position the label ``-100`` indexes the vocabulary from the end, lowering the
+    logit of token ``V - 100`` (so ``V >= 100`` is required, as there).
+    :func:`unlearning_losses.undial_loss` counts answer tokens only. The class default
+    :math:`\beta = 1` is kept; open-unlearning's config sets 10.
+    """
+    gamma, alpha = _weights(gamma, alpha)
+    beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
+    tokens = _tokens.align(
+        forget_logits,
+        forget_labels,
+        ignore_index=ignore_index,
+        shift=True,
+        backend="torch",
+        name="forget_logits",
+        labels_name="forget_labels",
+    )
+    ref_forget_logits = _checks.check_like(
+        ref_forget_logits, forget_logits, "ref_forget_logits", "forget_logits"
+    )
+    vocab = tokens.logits.shape[-1]
+    if bool((tokens.targets < -vocab).any()):
+        raise ValueError(
+            f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
+            f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
+        )
+    wrapped = torch.where(tokens.targets < 0, tokens.targets + vocab, tokens.targets)
+    per_token = soft_target_cross_entropy(
+        tokens.logits,
+        tokens.batched(ref_forget_logits),
+        wrapped,
+        torch.ones_like(tokens.valid),
+        label_shift=beta,
+    )
+    forget = per_token.mean()
+    retain = _retain_term(
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, "auto"
+    )
+    return gamma * forget + alpha * retain
+
+
+def ceu_loss(
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    *,
+    ignore_first_n_answer_tokens: int = 1,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""open-unlearning's CE-U: :func:`unlearning_losses.ceu_loss` after masking the first
+    ``ignore_first_n_answer_tokens`` valid labels of every sequence (the CE-U paper's footnote).
+    No retain term. Difference: a batch with nothing left gives 0 here, NaN there."""
+    forget_labels = _checks.check_tensor(forget_labels, "forget_labels")
+    first_n = _checks.check_int(ignore_first_n_answer_tokens, "ignore_first_n_answer_tokens")
+    if first_n < 0:
+        raise ValueError(f"ignore_first_n_answer_tokens must be >= 0; got {first_n}")
+    valid = forget_labels != ignore_index
+    leading = valid & (valid.cumsum(-1) <= first_n)
+    return _ceu_loss(
+        forget_logits, forget_labels.masked_fill(leading, ignore_index), ignore_index=ignore_index
+    )
+
+
+def rmu_loss(
+    forget_hidden: Tensor,
+    forget_labels: Tensor,
+    retain_hidden: Tensor,
+    ref_retain_hidden: Tensor,
+    retain_labels: Tensor,
+    control_vector: Tensor,
+    *,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""open-unlearning's RMU with ``retain_loss_type="EMBED_DIFF"``:
+    :math:`\gamma\,F + \alpha\,R`, each term the mean over sequences of the sequence's mean over
+    its valid positions of :math:`\frac{1}{H}\lVert h - \text{target}\rVert^2`.
+
+    Quirk kept: sequences are averaged, not tokens (a short answer weighs as much as a long one);
+    :func:`unlearning_losses.rmu_loss` averages over tokens. Difference: a sequence without a valid
+    position contributes 0 here, NaN there. ``control_vector`` is ``(H,)``; open-unlearning's
+    config uses ``steering_coeff=300``, ``alpha=1000``.
+    """
+    gamma, alpha = _weights(gamma, alpha)
+    forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
+        checked_rmu_inputs(
+            forget_hidden,
+            retain_hidden,
+            ref_retain_hidden,
+            control_vector,
+            forget_labels,
+            retain_labels,
+            ignore_index,
+        )
+    )
+    forget = activation_distance(forget_hidden, control_vector, forget_valid, per_sequence=True)
+    retain = activation_distance(retain_hidden, ref_retain_hidden, retain_valid, per_sequence=True)
     return gamma * forget + alpha * retain

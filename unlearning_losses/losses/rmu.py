@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..reductions import token_reduce
+from ..reductions import sequence_sums, token_reduce
 
 
 def rmu_control_vector(
@@ -47,10 +47,62 @@ def _positions(hidden: Tensor, labels: object, name: str, ignore_index: int) -> 
     return labels != ignore_index
 
 
-def _squared_distance(hidden: Tensor, target: Tensor) -> Tensor:
-    """Per position, the mean over the hidden axis of the squared difference, in float32."""
+def checked_rmu_inputs(
+    forget_hidden: object,
+    retain_hidden: object,
+    ref_retain_hidden: object,
+    control_vector: object,
+    forget_labels: object,
+    retain_labels: object,
+    ignore_index: object,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Validated activations and control vector, and the forget and retain position masks."""
+    forget_hidden = _check_activations(forget_hidden, "forget_hidden")
+    retain_hidden = _check_activations(retain_hidden, "retain_hidden")
+    ref_retain_hidden = _check_activations(ref_retain_hidden, "ref_retain_hidden", retain_hidden)
+    control_vector = _checks.check_tensor(control_vector, "control_vector")
+    if not control_vector.is_floating_point():
+        raise TypeError(f"control_vector must be a floating tensor; got {control_vector.dtype}")
+    if tuple(control_vector.shape) != (forget_hidden.shape[-1],):
+        raise ValueError(
+            f"control_vector must have shape ({forget_hidden.shape[-1]},) to match forget_hidden "
+            f"{tuple(forget_hidden.shape)}; got {tuple(control_vector.shape)}"
+        )
+    if retain_hidden.shape[-1] != forget_hidden.shape[-1]:
+        raise ValueError(
+            f"retain_hidden must have hidden size {forget_hidden.shape[-1]} to match "
+            f"forget_hidden; got {tuple(retain_hidden.shape)}"
+        )
+    _checks.check_same_device(control_vector, forget_hidden, "control_vector", "forget_hidden")
+    _checks.check_int(ignore_index, "ignore_index")
+    forget_valid = _positions(forget_hidden, forget_labels, "forget_labels", ignore_index)
+    retain_valid = _positions(retain_hidden, retain_labels, "retain_labels", ignore_index)
+    return (
+        forget_hidden,
+        retain_hidden,
+        ref_retain_hidden,
+        control_vector,
+        forget_valid,
+        retain_valid,
+    )
+
+
+def activation_distance(
+    hidden: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    count: int | Tensor | None = None,
+    *,
+    per_sequence: bool = False,
+) -> Tensor:
+    """Mean over valid positions of ``mean_H (hidden - target)^2`` (float32 accumulation; the
+    target is a constant), or the mean over sequences of their own position means."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return (hidden.to(acc) - target.to(acc)).square().mean(-1)
+    per_position = (hidden.to(acc) - target.detach().to(acc)).square().mean(-1)
+    if not per_sequence:
+        return token_reduce(per_position, valid, "mean", count)
+    sums, counts = sequence_sums(per_position, valid)
+    return (sums / counts.clamp(min=1)).mean()
 
 
 def rmu_loss(
@@ -96,29 +148,20 @@ def rmu_loss(
     Returns:
         A float32 scalar (float64 for float64 activations); an empty side contributes 0.
     """
-    forget_hidden = _check_activations(forget_hidden, "forget_hidden")
-    retain_hidden = _check_activations(retain_hidden, "retain_hidden")
-    ref_retain_hidden = _check_activations(ref_retain_hidden, "ref_retain_hidden", retain_hidden)
-    control_vector = _checks.check_tensor(control_vector, "control_vector")
-    if tuple(control_vector.shape) != (forget_hidden.shape[-1],):
-        raise ValueError(
-            f"control_vector must have shape ({forget_hidden.shape[-1]},) to match forget_hidden "
-            f"{tuple(forget_hidden.shape)}; got {tuple(control_vector.shape)}"
+    forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
+        checked_rmu_inputs(
+            forget_hidden,
+            retain_hidden,
+            ref_retain_hidden,
+            control_vector,
+            forget_labels,
+            retain_labels,
+            ignore_index,
         )
-    if retain_hidden.shape[-1] != forget_hidden.shape[-1]:
-        raise ValueError(
-            f"retain_hidden must have hidden size {forget_hidden.shape[-1]} to match "
-            f"forget_hidden; got {tuple(retain_hidden.shape)}"
-        )
-    _checks.check_same_device(control_vector, forget_hidden, "control_vector", "forget_hidden")
-    _checks.check_int(ignore_index, "ignore_index")
+    )
     alpha = _checks.check_finite_number(alpha, "alpha")
-    forget_valid = _positions(forget_hidden, forget_labels, "forget_labels", ignore_index)
-    retain_valid = _positions(retain_hidden, retain_labels, "retain_labels", ignore_index)
     forget_count = _checks.check_num_items(num_forget_items, forget_hidden, "num_forget_items")
     retain_count = _checks.check_num_items(num_retain_items, retain_hidden, "num_retain_items")
-    forget = _squared_distance(forget_hidden, control_vector.detach())
-    retain = _squared_distance(retain_hidden, ref_retain_hidden.detach())
-    return token_reduce(forget, forget_valid, "mean", forget_count) + alpha * token_reduce(
-        retain, retain_valid, "mean", retain_count
-    )
+    forget = activation_distance(forget_hidden, control_vector, forget_valid, forget_count)
+    retain = activation_distance(retain_hidden, ref_retain_hidden, retain_valid, retain_count)
+    return forget + alpha * retain
