@@ -1,0 +1,153 @@
+"""Exactness across processes: two ranks on the CPU (gloo, loopback only) against one process.
+
+Data parallel: each rank holds half the batch and passes the global counts from
+``global_counts``; the summed per-rank losses and head gradients equal the full batch's.
+Vocab parallel: each rank holds half the vocabulary; values and gradients equal the unsharded
+primitive's. Every rank builds the same seeded inputs, so each can compute the full-batch answer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from unlearning_losses import (
+    ceu_loss,
+    ga_loss,
+    global_counts,
+    kl_divergence,
+    kl_loss,
+    nll_loss,
+    npo_loss,
+    simnpo_loss,
+    tnpo_loss,
+    token_logprobs,
+    undial_loss,
+    wga_loss,
+)
+
+WORLD = 2
+RTOL = 1e-6
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=what)
+
+
+def _inputs(vocab: int, dtype: torch.dtype = torch.float32):
+    """Seeded hidden states, a shared head, reference logits and uneven labels."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 7, 5, generator=g, dtype=dtype)
+    head = torch.randn(vocab, 5, generator=g, dtype=dtype)
+    ref_logits = hidden @ head.T + 0.5 * torch.randn(4, 7, vocab, generator=g, dtype=dtype)
+    labels = torch.randint(0, vocab, (4, 7), generator=g)
+    labels[0, :5] = -100  # the first half holds fewer answer tokens than the second
+    labels[1, :2] = -100
+    labels[3, -2:] = -100
+    return hidden, head, ref_logits, labels
+
+
+def _data_parallel_losses(counts):
+    tokens, sequences = counts.tokens, counts.sequences
+    return {
+        "ga": lambda x, y, r: ga_loss(x, y, num_items_in_batch=tokens),
+        "nll": lambda x, y, r: nll_loss(x, y, num_items_in_batch=tokens),
+        "kl": lambda x, y, r: kl_divergence(x, r, y, num_items_in_batch=tokens),
+        "kl_reverse": lambda x, y, r: kl_loss(
+            x, r, y, direction="reverse", num_items_in_batch=tokens
+        ),
+        "npo": lambda x, y, r: npo_loss(x, y, ref_logits=r, num_sequences=sequences),
+        "npo_token": lambda x, y, r: npo_loss(
+            x, y, ref_logits=r, granularity="token", num_items_in_batch=tokens
+        ),
+        "simnpo": lambda x, y, r: simnpo_loss(x, y, num_sequences=sequences),
+        "wga": lambda x, y, r: wga_loss(x, y, num_items_in_batch=tokens),
+        "tnpo": lambda x, y, r: tnpo_loss(x, y, ref_logits=r, num_items_in_batch=tokens),
+        "undial": lambda x, y, r: undial_loss(x, r, y, num_items_in_batch=tokens),
+        "ceu": lambda x, y, r: ceu_loss(x, y, num_items_in_batch=tokens),
+    }
+
+
+def _check_data_parallel(rank: int) -> None:
+    hidden, head, ref_logits, labels = _inputs(vocab=11)
+    head.requires_grad_(True)
+    rows = slice(rank * 2, rank * 2 + 2)
+    counts = global_counts(labels[rows])
+    scored = labels[:, 1:] != -100
+    assert int(counts.tokens) == int(scored.sum())
+    assert int(counts.sequences) == int(scored.any(-1).sum())
+    for name, loss in _data_parallel_losses(counts).items():
+        full = loss(hidden @ head.T, labels, ref_logits)
+        (full_grad,) = torch.autograd.grad(full, head)
+        part = loss(hidden[rows] @ head.T, labels[rows], ref_logits[rows])
+        (part_grad,) = torch.autograd.grad(part, head)
+        summed = part.detach().clone()
+        dist.all_reduce(summed)
+        dist.all_reduce(part_grad)
+        _close(summed, full.detach(), f"{name} value")
+        _close(part_grad, full_grad, f"{name} head gradient")
+    # Without the global count each rank's mean weighs its own tokens: the check above can fail.
+    local = ga_loss(hidden[rows] @ head.T, labels[rows]).detach()
+    dist.all_reduce(local)
+    assert not torch.allclose(local / WORLD, ga_loss(hidden @ head.T, labels).detach())
+
+
+def _weighted_sum(values: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """A scalar whose backward sends an upstream gradient other than 1 to each value."""
+    if values.dim() == 0:
+        return values * upstream[0, 0]
+    return (values * upstream.flatten()[: values.numel()].reshape(values.shape)).sum()
+
+
+def _check_vocab_parallel(rank: int) -> None:
+    vocab = 12
+    # float64: the sharded reductions sum in another order, and a float32 KL of ~1e-3 is only
+    # good to ~1e-4 relative whichever order; in float64 both paths agree to rounding.
+    hidden, head, ref_logits, labels = _inputs(vocab, torch.float64)
+    logits = hidden @ head.T
+    logits[1, 3, :7] = float("-inf")  # masked vocabulary, wholly inside rank 0's shard at row 3
+    ref_logits[1, 3, :7] = float("-inf")
+    labels[1, 4] = 9  # row 3 scores label 9, which rank 1 holds
+    columns = slice(rank * vocab // WORLD, (rank + 1) * vocab // WORLD)
+    upstream = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    group = dist.group.WORLD
+
+    primitives = {
+        "token_logprobs": lambda x, r, **kw: token_logprobs(x, labels, **kw),
+        "kl_forward": lambda x, r, **kw: kl_divergence(x, r, labels, reduction="none", **kw),
+        "kl_reverse": lambda x, r, **kw: kl_divergence(
+            x, r, labels, direction="reverse", reduction="none", **kw
+        ),
+        "kl_all_positions": lambda x, r, **kw: kl_divergence(x, r, reduction="none", **kw)[:, 1:],
+        "npo": lambda x, r, **kw: npo_loss(x, labels, ref_logits=r, reduction="none", **kw),
+        "ga": lambda x, r, **kw: ga_loss(x, labels, **kw),
+    }
+    for name, fn in primitives.items():
+        full_input = logits.clone().requires_grad_(True)
+        full = fn(full_input, ref_logits)
+        _weighted_sum(full, upstream).backward()
+        shard = logits[..., columns].clone().requires_grad_(True)
+        sharded = fn(shard, ref_logits[..., columns].contiguous(), vocab_group=group)
+        _weighted_sum(sharded, upstream).backward()
+        _close(sharded.detach(), full.detach(), f"{name} value", rtol=1e-12)
+        _close(shard.grad, full_input.grad[..., columns], f"{name} gradient", rtol=1e-12)
+
+
+CHECKS = {"data_parallel": _check_data_parallel, "vocab_parallel": _check_vocab_parallel}
+
+
+def _worker(rank: int, check: str, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        CHECKS[check](rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_two_ranks_equal_one_process(check, tmp_path):
+    mp.spawn(_worker, args=(check, str(tmp_path / "rendezvous")), nprocs=WORLD, join=True)
