@@ -8,14 +8,24 @@ import pytest
 import torch
 
 from unlearning_losses import (
+    ceu_loss,
     combine_with_retain,
+    dpo_loss,
     ga_loss,
+    global_counts,
+    idk_loss,
     kl_divergence,
     kl_loss,
     nll_loss,
     npo_loss,
+    rmu_control_vector,
+    rmu_loss,
+    satimp_loss,
     simnpo_loss,
+    tnpo_loss,
     token_logprobs,
+    undial_loss,
+    wga_loss,
 )
 from unlearning_losses.compat import open_unlearning, soul
 
@@ -32,7 +42,15 @@ LABEL_FUNCTIONS = {
     "simnpo_loss": lambda x, y, **kw: simnpo_loss(x, y, **kw),
     "kl_divergence": lambda x, y, **kw: kl_divergence(x, REF, y, **kw),
     "kl_loss": lambda x, y, **kw: kl_loss(x, REF, y, **kw),
+    "idk_loss": lambda x, y, **kw: idk_loss(x, y, **kw),
+    "wga_loss": lambda x, y, **kw: wga_loss(x, y, **kw),
+    "satimp_loss": lambda x, y, **kw: satimp_loss(x, y, **kw),
+    "tnpo_loss": lambda x, y, **kw: tnpo_loss(x, y, ref_logprobs=torch.zeros(y.shape[0], 5), **kw),
+    "undial_loss": lambda x, y, **kw: undial_loss(x, REF, y, **kw),
+    "ceu_loss": lambda x, y, **kw: ceu_loss(x, y, **kw),
 }
+# Chunked PyTorch on every device: no backend to choose.
+WITHOUT_BACKEND = {"undial_loss", "ceu_loss"}
 
 COMMON_CASES = [
     ("int_logits", lambda f: f(LOGITS.long(), LABELS), TypeError, r"logits must be float16"),
@@ -101,16 +119,27 @@ COMMON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("function", sorted(LABEL_FUNCTIONS))
 @pytest.mark.parametrize(
-    ("call", "error", "message"), [c[1:] for c in COMMON_CASES], ids=[c[0] for c in COMMON_CASES]
+    ("function", "call", "error", "message"),
+    [
+        (function, *case[1:])
+        for function in sorted(LABEL_FUNCTIONS)
+        for case in COMMON_CASES
+        if not (function in WITHOUT_BACKEND and case[0] == "unknown_backend")
+    ],
+    ids=[
+        f"{function}-{case[0]}"
+        for function in sorted(LABEL_FUNCTIONS)
+        for case in COMMON_CASES
+        if not (function in WITHOUT_BACKEND and case[0] == "unknown_backend")
+    ],
 )
 def test_every_labelled_function_refuses(function, call, error, message):
     with pytest.raises(error, match=message):
         call(LABEL_FUNCTIONS[function])
 
 
-REDUCED = ["ga_loss", "nll_loss", "npo_loss", "simnpo_loss", "kl_divergence", "kl_loss"]
+REDUCED = sorted(LABEL_FUNCTIONS.keys() - {"token_logprobs"})
 
 
 @pytest.mark.parametrize("function", REDUCED)
@@ -121,7 +150,10 @@ def test_unknown_reduction(function):
         LABEL_FUNCTIONS[function](LOGITS, LABELS, reduction="avg")
 
 
-@pytest.mark.parametrize("function", ["ga_loss", "nll_loss", "kl_divergence", "kl_loss"])
+TOKEN_MEANS = sorted(LABEL_FUNCTIONS.keys() - {"token_logprobs", "npo_loss", "simnpo_loss"})
+
+
+@pytest.mark.parametrize("function", TOKEN_MEANS)
 @pytest.mark.parametrize(
     ("value", "error", "message"),
     [
@@ -272,3 +304,187 @@ def test_bad_input_leaves_the_inputs_untouched():
     with pytest.raises(ValueError):
         ga_loss(logits, labels.masked_fill(labels == labels[0, 0], 99))
     assert torch.equal(logits, LOGITS) and torch.equal(labels, LABELS)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: wga_loss(LOGITS, LABELS, beta=-1.0), ValueError, r"beta must be >= 0; got -1.0"),
+        (
+            lambda: satimp_loss(LOGITS, LABELS, beta1=math.nan),
+            ValueError,
+            r"beta1 must be finite; got nan",
+        ),
+        (lambda: satimp_loss(LOGITS, LABELS, beta2="1"), TypeError, r"beta2 must be a real"),
+        (
+            lambda: tnpo_loss(LOGITS, LABELS),
+            ValueError,
+            r"give exactly one of ref_logprobs or ref_logits; got neither",
+        ),
+        (
+            lambda: tnpo_loss(LOGITS, LABELS, ref_logits=REF, beta=0.0),
+            ValueError,
+            r"beta must be > 0",
+        ),
+        (
+            lambda: undial_loss(LOGITS, REF[:, :5], LABELS),
+            ValueError,
+            r"ref_logits must have shape \(4, 6, 10\) to match logits; got \(4, 5, 10\)",
+        ),
+        (lambda: undial_loss(LOGITS, REF, LABELS, beta=-2.0), ValueError, r"beta must be >= 0"),
+        (
+            lambda: ceu_loss(LOGITS[..., :1], torch.zeros_like(LABELS)),
+            ValueError,
+            r"logits must have a vocabulary of at least 2 entries",
+        ),
+        (
+            lambda: npo_loss(LOGITS, LABELS, ref_logits=REF, num_sequences=2, granularity="token"),
+            ValueError,
+            r'num_sequences applies to granularity="sequence" or "sequence_mean" only',
+        ),
+        (
+            lambda: npo_loss(LOGITS, LABELS, ref_logits=REF, num_items_in_batch=9),
+            ValueError,
+            r'num_items_in_batch applies to granularity="token" only',
+        ),
+        (
+            lambda: simnpo_loss(LOGITS, LABELS, num_sequences=2, reduction="sum"),
+            ValueError,
+            r'num_sequences applies to reduction="mean" only',
+        ),
+        (
+            lambda: simnpo_loss(LOGITS, LABELS, num_sequences=-3),
+            ValueError,
+            r"num_sequences must be >= 0; got -3",
+        ),
+    ],
+)
+def test_new_losses_refuse(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def _dpo(**kwargs):
+    args = dict(
+        chosen_logits=LOGITS,
+        chosen_labels=LABELS,
+        rejected_logits=REF,
+        rejected_labels=LABELS,
+        ref_chosen_logits=REF,
+        ref_rejected_logits=LOGITS,
+    )
+    args.update(kwargs)
+    return dpo_loss(
+        args.pop("chosen_logits"),
+        args.pop("chosen_labels"),
+        args.pop("rejected_logits"),
+        args.pop("rejected_labels"),
+        **args,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"rejected_logits": REF[:3], "rejected_labels": LABELS[:3]},
+            ValueError,
+            r"rejected_logits must hold as many sequences as chosen_logits",
+        ),
+        (
+            {"chosen_labels": LABELS[:, :4]},
+            ValueError,
+            r"chosen_labels must have shape \(4, 6\) to match chosen_logits \(4, 6, 10\)",
+        ),
+        (
+            {"rejected_logits": REF.long()},
+            TypeError,
+            r"rejected_logits must be float16, bfloat16, float32 or float64",
+        ),
+        (
+            {"ref_chosen_logits": None},
+            ValueError,
+            r"give exactly one of ref_chosen_logprobs or ref_chosen_logits; got neither",
+        ),
+        (
+            {"ref_rejected_logprobs": torch.zeros(4, 5)},
+            ValueError,
+            r"give exactly one of ref_rejected_logprobs or ref_rejected_logits; got both",
+        ),
+        (
+            {"ref_rejected_logits": LOGITS.double()},
+            TypeError,
+            r"ref_rejected_logits must have dtype torch.float32 to match rejected_logits",
+        ),
+        ({"beta": 0}, ValueError, r"beta must be > 0; got 0.0"),
+    ],
+)
+def test_dpo_refuses(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _dpo(**kwargs)
+
+
+HIDDEN = torch.randn(2, 5, 8)
+CONTROL = torch.ones(8)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN, torch.ones(7)),
+            ValueError,
+            r"control_vector must have shape \(8,\) to match forget_hidden \(2, 5, 8\); got \(7,\)",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN, torch.ones(8, dtype=torch.long)),
+            TypeError,
+            r"control_vector must be a floating tensor",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN[:, :4], CONTROL),
+            ValueError,
+            r"ref_retain_hidden must have shape \(2, 5, 8\) to match retain_hidden",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN[..., :6], HIDDEN[..., :6], CONTROL),
+            ValueError,
+            r"retain_hidden must have hidden size 8 to match forget_hidden",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN[0, 0], HIDDEN, HIDDEN, CONTROL),
+            ValueError,
+            r"forget_hidden must have shape \(B, T, H\) or \(N, H\)",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN, CONTROL, forget_labels=LABELS),
+            ValueError,
+            r"forget_labels must have shape \(2, 5\) to match forget_hidden \(2, 5, 8\)",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN, CONTROL, alpha=math.inf),
+            ValueError,
+            r"alpha must be finite",
+        ),
+        (
+            lambda: rmu_loss(HIDDEN, HIDDEN, HIDDEN, CONTROL, num_forget_items=-1),
+            ValueError,
+            r"num_forget_items must be >= 0",
+        ),
+        (lambda: rmu_control_vector(0), ValueError, r"hidden_size must be >= 1; got 0"),
+        (
+            lambda: rmu_control_vector(8, steering_coeff=-1.0),
+            ValueError,
+            r"steering_coeff must be > 0",
+        ),
+        (lambda: global_counts(LABELS.float()), TypeError, r"labels must be an integer tensor"),
+        (
+            lambda: global_counts(LABELS[None]),
+            ValueError,
+            r"labels must have shape \(B, T\) or \(N,\); got \(1, 4, 6\)",
+        ),
+    ],
+)
+def test_rmu_and_counts_refuse(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -194,3 +194,164 @@ def test_open_unlearning_kl_retain_needs_reference_logits(batch):
         open_unlearning.grad_diff_loss(
             forget, forget_labels, retain, retain_labels, retain_loss_type="KL"
         )
+
+
+def shifted_token_nll(logits, labels):
+    """Per shifted position, the cross-entropy of the label (0 where ignored), flattened."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+
+
+def test_open_unlearning_dpo_scales_by_two_over_beta_and_counts_empty_pairs(batch):
+    forget, ref_forget, forget_labels, retain, _, retain_labels = batch
+    g = torch.Generator().manual_seed(3)
+    alternate = torch.randn(forget.shape, generator=g)
+    ref_alternate = alternate + 0.3 * torch.randn(forget.shape, generator=g)
+    alternate_labels = forget_labels.clone()
+    alternate_labels[2] = -100
+    forget_labels = forget_labels.clone()
+    forget_labels[2] = -100  # pair 2 is empty on both sides: it still enters their mean
+    beta = 0.5
+
+    def theirs(x):
+        win = -(
+            summed_sequence_nll(alternate, alternate_labels)
+            - summed_sequence_nll(ref_alternate, alternate_labels)
+        )
+        lose = -(
+            summed_sequence_nll(x, forget_labels) - summed_sequence_nll(ref_forget, forget_labels)
+        )
+        forget_loss = -2 / beta * F.logsigmoid(beta * (win - lose)).mean()
+        return forget_loss + hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.dpo_loss(
+            x,
+            ref_forget,
+            forget_labels,
+            alternate,
+            ref_alternate,
+            alternate_labels,
+            retain,
+            retain_labels,
+            beta=beta,
+        ),
+        theirs,
+        forget,
+    )
+
+
+@pytest.mark.parametrize("method", ["wga", "satimp"])
+def test_open_unlearning_token_weighted_ascent(batch, method):
+    forget, _, forget_labels, retain, _, retain_labels = batch
+
+    def theirs(x):
+        nll = shifted_token_nll(x, forget_labels)
+        p = (-nll).exp().detach()
+        weight = p**1.5 if method == "wga" else p**5.0 * (1 - p) ** 1.0
+        forget_loss = -(weight * nll)[forget_labels[:, 1:].reshape(-1) != -100].mean()
+        alpha = 1.0 if method == "wga" else 0.1
+        return forget_loss + alpha * hf_causal_lm_loss(retain, retain_labels)
+
+    def ours(x):
+        if method == "wga":
+            return open_unlearning.wga_loss(x, forget_labels, retain, retain_labels, beta=1.5)
+        return open_unlearning.satimp_loss(x, forget_labels, retain, retain_labels)
+
+    assert_same_value_and_gradient(ours, theirs, forget)
+
+
+def test_open_unlearning_undial_counts_every_position_and_wraps_the_ignored_label():
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 6, 128)
+    forget = torch.randn(shape, generator=g)
+    ref_forget = forget + 0.5 * torch.randn(shape, generator=g)
+    labels = torch.randint(0, 128, shape[:2], generator=g)
+    labels[:, :3] = -100
+    retain = torch.randn(shape, generator=g)
+    retain_labels = torch.randint(0, 128, shape[:2], generator=g)
+    beta = 4.0
+
+    def theirs(x):
+        shifted_labels = labels[:, 1:]
+        teacher = ref_forget[:, :-1]
+        # -100 indexes the last axis from the end, as plain tensor indexing does.
+        lowered = torch.zeros_like(teacher)
+        lowered[
+            torch.arange(2).view(-1, 1, 1),
+            torch.arange(5).view(1, -1, 1),
+            shifted_labels[..., None],
+        ] = 1.0
+        target = F.softmax(teacher - beta * lowered, -1)
+        forget_loss = F.cross_entropy(
+            x[:, :-1].reshape(-1, 128), target.reshape(-1, 128), reduction="none"
+        ).mean()
+        return forget_loss + hf_causal_lm_loss(retain, retain_labels)
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.undial_loss(
+            x, ref_forget, labels, retain, retain_labels, beta=beta
+        ),
+        theirs,
+        forget,
+    )
+
+
+def test_open_unlearning_undial_needs_a_vocabulary_the_ignored_label_can_index(batch):
+    forget, ref_forget, forget_labels, retain, _, retain_labels = batch
+    with pytest.raises(ValueError, match=r"forget_labels: .* at least 100; got 50"):
+        open_unlearning.undial_loss(forget, ref_forget, forget_labels, retain, retain_labels)
+
+
+def test_open_unlearning_ceu_skips_the_first_answer_token(batch):
+    forget, _, forget_labels, _, _, _ = batch
+
+    def theirs(x):
+        valid = forget_labels != -100
+        first = (valid.cumsum(-1) <= 1) & valid
+        labels = forget_labels.masked_fill(first, -100)[:, 1:]
+        logits = x[:, :-1]
+        kept = labels != -100
+        rows, targets = logits[kept], labels[kept]
+        target_logits = rows.detach().clone()
+        target_logits[torch.arange(len(targets)), targets] = float("-inf")
+        return F.cross_entropy(rows, F.softmax(target_logits, -1))
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.ceu_loss(x, forget_labels), theirs, forget
+    )
+
+
+def test_open_unlearning_rmu_averages_sequences_not_tokens():
+    g = torch.Generator().manual_seed(5)
+    forget = torch.randn(3, 7, 16, generator=g)
+    retain = torch.randn(2, 5, 16, generator=g)
+    ref_retain = retain + 0.1 * torch.randn(2, 5, 16, generator=g)
+    control = torch.rand(16, generator=g)
+    control = control / control.norm() * 20
+    forget_labels = torch.randint(0, 10, (3, 7), generator=g)
+    forget_labels[0, :5] = -100  # a short answer weighs as much as a long one there
+    retain_labels = torch.randint(0, 10, (2, 5), generator=g)
+
+    def activation_loss(a, b, mask):
+        squared = F.mse_loss(a, b, reduction="none")
+        per_sequence = (squared * mask[..., None]).mean(2).sum(1)
+        return (per_sequence / mask.sum(-1)).mean()
+
+    def theirs(x):
+        forget_term = activation_loss(x, control.expand_as(x), forget_labels != -100)
+        retain_term = activation_loss(retain, ref_retain, retain_labels != -100)
+        return 1.0 * forget_term + 1000.0 * retain_term
+
+    assert_same_value_and_gradient(
+        lambda x: open_unlearning.rmu_loss(
+            x, forget_labels, retain, ref_retain, retain_labels, control, alpha=1000.0
+        ),
+        theirs,
+        forget,
+    )

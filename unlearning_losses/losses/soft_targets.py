@@ -116,6 +116,8 @@ def ceu_loss(
     also leaves out each answer's first token; mask it in ``labels`` for that (open-unlearning's
     ``ignore_first_n_answer_tokens``; see :func:`unlearning_losses.compat.open_unlearning.ceu_loss`).
 
+    A scored row whose label is its only finite logit has no target and gives NaN.
+
     Args:
         logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
         ignore_index, labels, shift, reduction, num_items_in_batch, validate: as :func:`ga_loss`.

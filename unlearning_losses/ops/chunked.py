@@ -234,5 +234,6 @@ def soft_target_backward(
     safe_targets = torch.where(valid, targets, 0)
     for b, t in row_chunks(groups, logits.shape[-1]):
         q = _soft_target_log_probs(ref_logits[b, t], safe_targets[b, t], label_shift, acc).exp_()
-        inner = torch.softmax(logits[b, t], -1, dtype=acc).sub_(q)
-        torch.mul(inner, scale[b, t, None], out=grad[b, t])
+        inner = torch.softmax(logits[b, t], -1, dtype=acc).sub_(q).mul_(scale[b, t, None])
+        # An ignored row may have no target at all (CE-U, one finite logit): NaN * 0 stays NaN.
+        grad[b, t] = inner.masked_fill_(~valid[b, t, None], 0.0)
