@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from unlearning_losses import (
+    ceu_loss,
     combine_with_retain,
     ga_loss,
     kl_divergence,
     kl_loss,
     nll_loss,
     npo_loss,
+    tnpo_loss,
+    undial_loss,
+    wga_loss,
 )
 
 
@@ -20,6 +24,10 @@ def unlearning_objective(logits, ref_logits, labels, retain_logits, retain_label
         ga_loss(logits, labels)
         + npo_loss(logits, labels, ref_logits=ref_logits)
         + kl_loss(logits, ref_logits, labels)
+        + wga_loss(logits, labels)
+        + tnpo_loss(logits, labels, ref_logits=ref_logits)
+        + undial_loss(logits, ref_logits, labels)
+        + ceu_loss(logits, labels)
     )
     retain = nll_loss(retain_logits, retain_labels) + kl_divergence(
         retain_logits, retain_logits.detach() * 0.5, retain_labels, direction="reverse"
