@@ -124,6 +124,9 @@ def _check_vocab_parallel(rank: int) -> None:
         "kl_all_positions": lambda x, r, **kw: kl_divergence(x, r, reduction="none", **kw)[:, 1:],
         "npo": lambda x, r, **kw: npo_loss(x, labels, ref_logits=r, reduction="none", **kw),
         "ga": lambda x, r, **kw: ga_loss(x, labels, **kw),
+        "simnpo": lambda x, r, **kw: simnpo_loss(x, labels, reduction="none", **kw),
+        "wga": lambda x, r, **kw: wga_loss(x, labels, reduction="none", **kw),
+        "tnpo": lambda x, r, **kw: tnpo_loss(x, labels, ref_logits=r, **kw),
     }
     for name, fn in primitives.items():
         full_input = logits.clone().requires_grad_(True)
