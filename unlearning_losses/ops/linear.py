@@ -10,18 +10,44 @@ and bias gradients (weight and bias in float32). A head that does not require gr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .chunked import accumulation_dtype, log_ratio, row_chunks, row_groups, zero_outside
+from .chunked import (
+    CHUNK_BYTES,
+    accumulation_dtype,
+    log_ratio,
+    row_chunks,
+    row_groups,
+    zero_outside,
+)
 
 #: Bytes of float32 logits that one chunk may hold; results do not depend on it.
 LINEAR_CHUNK_BYTES = 64 * 1024 * 1024
+#: Bytes of one block of a chunk's logits for the elementwise passes (cache-sized).
+CACHE_BLOCK_BYTES = CHUNK_BYTES
 
 
 def _budget(chunk_rows: int | None, vocab: int) -> int:
     return chunk_rows * 4 * vocab if chunk_rows else LINEAR_CHUNK_BYTES
+
+
+def _cache_blocks(z: Tensor) -> Iterator[tuple[Tensor, slice]]:
+    """The rows of a chunk's logits ``(nb, nt, V)`` as ``(rows, V)`` views of at most
+    ``CACHE_BLOCK_BYTES`` each, with their slice of the flattened rows.
+
+    A chunk is sized for the matmul (tens of MiB); its elementwise passes (log-sum-exp, softmax,
+    scaling) run block by block, so each block stays in cache across them instead of streaming the
+    whole chunk through memory once per pass.
+    """
+    flat = z.view(-1, z.shape[-1])
+    step = max(1, CACHE_BLOCK_BYTES // (flat.element_size() * flat.shape[-1]))
+    for start in range(0, flat.shape[0], step):
+        rows = slice(start, min(start + step, flat.shape[0]))
+        yield flat[rows], rows
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -89,8 +115,12 @@ class LinearLogprobs(torch.autograd.Function):
         groups = row_groups(valid, vocab, budget)
         for b, t in row_chunks(groups, vocab, budget):
             z = _logits(hidden[b, t], weight, bias, acc)
-            chunk_lse = torch.logsumexp(z, -1)
-            picked = z.gather(-1, safe_targets[b, t, None]).squeeze(-1)
+            chunk_lse = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
+            picked = torch.empty_like(chunk_lse)
+            targets_flat = safe_targets[b, t].reshape(-1, 1)
+            for block, rows in _cache_blocks(z):
+                torch.logsumexp(block, -1, out=chunk_lse.view(-1)[rows])
+                picked.view(-1)[rows] = block.gather(-1, targets_flat[rows]).squeeze(-1)
             lse[b, t] = chunk_lse
             out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, out)
@@ -109,9 +139,15 @@ class LinearLogprobs(torch.autograd.Function):
         label_term = neg_scale * torch.expm1(logprobs)  # g (1 - p_y), exact near p_y = 1
         for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
             z = _logits(hidden[b, t], weight, bias, acc)
-            grad_logits = z.sub_(lse[b, t, None]).exp_().mul_(neg_scale[b, t, None])
-            grad_logits.scatter_(-1, safe_targets[b, t, None], label_term[b, t, None])
-            grads.add(b, t, hidden, weight, grad_logits)
+            chunk_lse, chunk_scale = lse[b, t].reshape(-1, 1), neg_scale[b, t].reshape(-1, 1)
+            chunk_targets, chunk_label = (
+                safe_targets[b, t].reshape(-1, 1),
+                label_term[b, t].reshape(-1, 1),
+            )
+            for block, rows in _cache_blocks(z):
+                block.sub_(chunk_lse[rows]).exp_().mul_(chunk_scale[rows])
+                block.scatter_(-1, chunk_targets[rows], chunk_label[rows])
+            grads.add(b, t, hidden, weight, z)
         return (*grads.result(weight, bias), None, None, None)
 
 
@@ -215,16 +251,19 @@ class LinearTokenSum(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for b, t in row_chunks(groups, vocab, budget):
             z = _logits(hidden[b, t], weight, bias, acc)
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            index = safe_targets[b, t, None]
-            logp = z.gather(-1, index).sub_(lse).squeeze(-1)
-            total += (logp * coefficient[b, t]).sum()
+            chunk_targets = safe_targets[b, t].reshape(-1, 1)
+            chunk_coefficient = coefficient[b, t].reshape(-1, 1)
+            for block, rows in _cache_blocks(z):
+                lse = torch.logsumexp(block, -1, keepdim=True)
+                index, c = chunk_targets[rows], chunk_coefficient[rows]
+                logp = block.gather(-1, index).sub_(lse)
+                total += (logp * c).sum()
+                if grads is not None:
+                    # d (c log p_y) / d z_j = c (1[j = y] - p_j); 1 - p_y = -expm1(log p_y)
+                    block.sub_(lse).exp_().mul_(-c)
+                    block.scatter_(-1, index, -c * torch.expm1(logp))
             if grads is not None:
-                # d (c log p_y) / d z_j = c (1[j = y] - p_j); 1 - p_y = -expm1(log p_y)
-                grad_logits = z.sub_(lse).exp_().mul_(-coefficient[b, t, None])
-                label_term = -coefficient[b, t] * torch.expm1(logp)
-                grad_logits.scatter_(-1, index, label_term.unsqueeze(-1))
-                grads.add(b, t, hidden, weight, grad_logits)
+                grads.add(b, t, hidden, weight, z)
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
@@ -261,20 +300,27 @@ class LinearKLSum(torch.autograd.Function):
         coefficient = torch.where(valid, scale.to(acc), 0.0)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for b, t in row_chunks(groups, vocab, budget):
-            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
-            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
-            probs = logp.exp()
-            if forward_kl:
-                ratio = log_ratio(logp, logq)
-                kl = (probs * ratio).sum(-1)
-                grad_logits = ratio.sub_(kl.unsqueeze(-1)).mul_(probs)  # p (log p - log q - KL)
-            else:
-                ref_probs = logq.exp()
-                kl = (ref_probs * log_ratio(logq, logp)).sum(-1)
-                grad_logits = probs.sub_(ref_probs)  # p - q
-            total += (kl * coefficient[b, t]).sum()
+            z = _logits(hidden[b, t], weight, bias, acc)
+            ref_z = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc)
+            chunk_coefficient = coefficient[b, t].reshape(-1, 1)
+            for (block, rows), (ref_block, _) in zip(
+                _cache_blocks(z), _cache_blocks(ref_z), strict=True
+            ):
+                logp, logq = block.log_softmax(-1), ref_block.log_softmax(-1)
+                probs = logp.exp()
+                if forward_kl:
+                    ratio = log_ratio(logp, logq)
+                    kl = (probs * ratio).sum(-1, keepdim=True)
+                    grad_logits = ratio.sub_(kl).mul_(probs)  # p (log p - log q - KL)
+                else:
+                    ref_probs = logq.exp()
+                    kl = (ref_probs * log_ratio(logq, logp)).sum(-1, keepdim=True)
+                    grad_logits = probs.sub_(ref_probs)  # p - q
+                total += (kl * chunk_coefficient[rows]).sum()
+                if grads is not None:
+                    torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
-                grads.add(b, t, hidden, weight, grad_logits.mul_(coefficient[b, t, None]))
+                grads.add(b, t, hidden, weight, z)
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
