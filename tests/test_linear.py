@@ -106,8 +106,9 @@ def _pair(name, ref_hidden, labels, chunk_rows):
     }[name]
 
 
-def _run(fn, h, W, b, upstream, through_logits: bool):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (h, W, b)]
+def _run(fn, h, W, b, upstream, through_logits: bool, frozen_head: bool = False):
+    trained = (True, not frozen_head, not frozen_head)
+    leaves = [t.detach().clone().requires_grad_(g) for t, g in zip((h, W, b), trained, strict=True)]
     value = (
         fn(F.linear(*leaves) if through_logits else leaves[0], leaves[1], leaves[2])
         if through_logits
@@ -126,11 +127,12 @@ def _run(fn, h, W, b, upstream, through_logits: bool):
     st.booleans(),
     st.sampled_from([None, 1, 2, 5]),
     st.sampled_from([None, 1, 3]),
+    st.booleans(),
     st.sampled_from([1.0, -2.5]),
     st.integers(0, 2**31 - 1),
 )
 def test_fused_linear_equals_the_logits_version(
-    name, batch, length, width, vocab, flat, chunk_rows, cache_rows, upstream, seed
+    name, batch, length, width, vocab, flat, chunk_rows, cache_rows, frozen_head, upstream, seed
 ):
     g = torch.Generator().manual_seed(seed)
     shape = (batch * length,) if flat else (batch, length)
@@ -144,10 +146,13 @@ def test_fused_linear_equals_the_logits_version(
     # Blocks of a few rows inside a chunk, as a large vocabulary gets them.
     block_bytes = linear_ops.CACHE_BLOCK_BYTES if cache_rows is None else cache_rows * 4 * vocab
     with mock.patch.object(linear_ops, "CACHE_BLOCK_BYTES", block_bytes):
-        got = _run(fused, h, W, b, upstream, through_logits=False)
-    expected = _run(logits_version, h, W, b, upstream, through_logits=True)
+        got = _run(fused, h, W, b, upstream, False, frozen_head)
+    expected = _run(logits_version, h, W, b, upstream, True, frozen_head)
     for a, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        if frozen_head and e is None:  # the head's gradients
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["ga", "npo", "kl"])

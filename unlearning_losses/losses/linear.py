@@ -40,7 +40,13 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
 
 def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
     return LinearLogprobs.apply(
-        tokens.logits, weight, bias, tokens.targets, tokens.valid, chunk_rows
+        tokens.logits,
+        weight,
+        bias,
+        tokens.targets,
+        tokens.valid,
+        chunk_rows,
+        torch.is_grad_enabled(),
     )
 
 
@@ -193,7 +199,7 @@ def linear_npo_loss(
         )
         with torch.no_grad():
             ref = LinearLogprobs.apply(
-                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows
+                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, False
             )
     else:
         expected = tuple(tokens.unflatten(tokens.targets).shape)

@@ -93,8 +93,20 @@ class _Gradients:
         )
 
 
+def _frozen_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_enabled: bool) -> bool:
+    """Only the hidden states need a gradient (a frozen head, as under LoRA)."""
+    head_trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+    return grad_enabled and hidden.requires_grad and not head_trained
+
+
 class LinearLogprobs(torch.autograd.Function):
-    """Per-token log p(target) from ``hidden[:, :L]`` and the head ``(weight, bias)``."""
+    """Per-token log p(target) from ``hidden[:, :L]`` and the head ``(weight, bias)``.
+
+    With a frozen head the forward pass also keeps, per token, ``d_t = (onehot(y_t) - p_t) W``, the
+    hidden-state gradient of ``log p_t`` (hidden-sized, not vocabulary-sized): the backward is then
+    ``grad_out * d_t``, with no second pass over the vocabulary. A trained head needs the logits
+    again for its own gradient, so they are recomputed chunk by chunk in the backward.
+    """
 
     @staticmethod
     def forward(
@@ -105,6 +117,7 @@ class LinearLogprobs(torch.autograd.Function):
         targets: Tensor,
         valid: Tensor,
         chunk_rows: int | None,
+        grad_enabled: bool,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
         vocab = weight.shape[0]
@@ -113,25 +126,43 @@ class LinearLogprobs(torch.autograd.Function):
         lse = torch.zeros_like(out)
         safe_targets = torch.where(valid, targets, 0)
         groups = row_groups(valid, vocab, budget)
+        directions = None
+        if _frozen_head(hidden, weight, bias, grad_enabled):
+            directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=out.device)
         for b, t in row_chunks(groups, vocab, budget):
             z = _logits(hidden[b, t], weight, bias, acc)
             chunk_lse = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
             picked = torch.empty_like(chunk_lse)
             targets_flat = safe_targets[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
-                torch.logsumexp(block, -1, out=chunk_lse.view(-1)[rows])
-                picked.view(-1)[rows] = block.gather(-1, targets_flat[rows]).squeeze(-1)
+                block_lse = torch.logsumexp(block, -1, keepdim=True)
+                chunk_lse.view(-1)[rows] = block_lse.squeeze(-1)
+                index = targets_flat[rows]
+                picked.view(-1)[rows] = block.gather(-1, index).squeeze(-1)
+                if directions is not None:
+                    # d log p_y / d z = onehot(y) - p; 1 - p_y = -expm1(log p_y)
+                    label_term = -torch.expm1(block.gather(-1, index) - block_lse)
+                    block.sub_(block_lse).exp_().neg_().scatter_(-1, index, label_term)
             lse[b, t] = chunk_lse
             out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, out)
+            if directions is not None:
+                flat = z.view(-1, vocab).to(weight.dtype)
+                directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)
+            del z  # before the next chunk's logits exist
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, out, directions)
         ctx.groups, ctx.budget = groups, budget
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor):
-        hidden, weight, bias, safe_targets, valid, lse, logprobs = ctx.saved_tensors
+        hidden, weight, bias, safe_targets, valid, lse, logprobs, directions = ctx.saved_tensors
         acc = logprobs.dtype
+        if directions is not None:
+            scale = torch.where(valid, grad_out.to(acc), 0.0)
+            grad_hidden = torch.zeros_like(hidden)
+            grad_hidden[:, : valid.shape[1]] = (directions * scale[..., None]).to(hidden.dtype)
+            return grad_hidden, None, None, None, None, None, None
         grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
         if grads.hidden is not None:
             zero_outside(grads.hidden, ctx.groups)
@@ -148,7 +179,8 @@ class LinearLogprobs(torch.autograd.Function):
                 block.sub_(chunk_lse[rows]).exp_().mul_(chunk_scale[rows])
                 block.scatter_(-1, chunk_targets[rows], chunk_label[rows])
             grads.add(b, t, hidden, weight, z)
-        return (*grads.result(weight, bias), None, None, None)
+            del z
+        return (*grads.result(weight, bias), None, None, None, None)
 
 
 class LinearTokenKL(torch.autograd.Function):
@@ -264,6 +296,7 @@ class LinearTokenSum(torch.autograd.Function):
                     block.scatter_(-1, index, -c * torch.expm1(logp))
             if grads is not None:
                 grads.add(b, t, hidden, weight, z)
+            del z  # before the next chunk's logits exist
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
@@ -321,6 +354,7 @@ class LinearKLSum(torch.autograd.Function):
                     torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
                 grads.add(b, t, hidden, weight, z)
+            del z, ref_z
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
