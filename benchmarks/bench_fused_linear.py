@@ -5,13 +5,15 @@ For N tokens of hidden size H and vocabulary V (float32), each in a fresh proces
 against a reference's hidden states); the materialised path (``F.linear`` to the full logits, then
 our logits loss); and for GA ``torch.nn.functional.linear_cross_entropy`` with and without its
 chunked options. Peak memory is the resident-set high-water mark of one call beyond the inputs.
+The head is trained (its float32 gradient counts in every row) or frozen, as under LoRA.
 
-    python benchmarks/bench_fused_linear.py [--vocabs 32000 128256]
+    python benchmarks/bench_fused_linear.py [--vocabs 32000 128256] [--heads trained frozen]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -60,14 +62,15 @@ def providers(loss: str):
     }
 
 
-def worker(loss: str, provider: str, args: argparse.Namespace) -> dict:
+def worker(loss: str, provider: str, head: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     fn = providers(loss)[provider]
 
     def inputs(tokens: int, vocab: int):
         h = torch.empty(SEQUENCES, tokens // SEQUENCES, args.hidden).normal_().requires_grad_(True)
         # Filled in place: a temporary would raise the high-water mark the run is measured from.
-        w = torch.empty(vocab, args.hidden).normal_(std=args.hidden**-0.5).requires_grad_(True)
+        w = torch.empty(vocab, args.hidden).normal_(std=args.hidden**-0.5)
+        w.requires_grad_(head == "trained")
         y = torch.randint(0, vocab, h.shape[:2])
         r = -torch.rand(h.shape[:2]) * 10
         q = torch.empty_like(h).normal_()
@@ -95,8 +98,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--losses", nargs="+", default=["ga", "npo", "kl"])
+    parser.add_argument("--heads", nargs="+", default=["trained", "frozen"])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -105,38 +109,29 @@ def main() -> None:
 
     script = str(Path(__file__).resolve())
     rows = []
-    for vocab in args.vocabs:
-        for loss in args.losses:
-            measured = {
-                name: run_worker(
-                    script,
-                    [
-                        loss,
-                        name,
-                        f"--vocab={vocab}",
-                        f"--tokens={args.tokens}",
-                        f"--hidden={args.hidden}",
-                        f"--repeats={args.repeats}",
-                    ],
-                )
-                for name in providers(loss)
-            }
-            base = measured["materialised"]
-            for name, m in measured.items():
-                rows.append(
-                    [
-                        loss,
-                        vocab,
-                        name,
-                        f"{m['seconds']:.2f}",
-                        f"{m['seconds'] / base['seconds']:.2f}",
-                        f"{m['extra_bytes'] / 2**20:.0f}",
-                        f"{m['extra_bytes'] / base['extra_bytes']:.2f}",
-                    ]
-                )
-            print(f"{loss} V={vocab}: done", file=sys.stderr, flush=True)
+    for vocab, head, loss in itertools.product(args.vocabs, args.heads, args.losses):
+        options = [f"--vocab={vocab}", f"--tokens={args.tokens}", f"--hidden={args.hidden}"]
+        options.append(f"--repeats={args.repeats}")
+        measured = {
+            name: run_worker(script, [loss, name, head, *options]) for name in providers(loss)
+        }
+        base = measured["materialised"]
+        for name, m in measured.items():
+            rows.append(
+                [
+                    loss,
+                    vocab,
+                    head,
+                    name,
+                    f"{m['seconds']:.2f}",
+                    f"{m['seconds'] / base['seconds']:.2f}",
+                    f"{m['extra_bytes'] / 2**20:.0f}",
+                    f"{m['extra_bytes'] / base['extra_bytes']:.2f}",
+                ]
+            )
+        print(f"{loss} V={vocab} head {head}: done", file=sys.stderr, flush=True)
     print(
-        f"N={args.tokens}, H={args.hidden}, float32, weight trained; {machine()}; median of "
+        f"N={args.tokens}, H={args.hidden}, float32; {machine()}; median of "
         f"{args.repeats} forward+backward, each in a fresh process.\n"
     )
     print(
@@ -144,6 +139,7 @@ def main() -> None:
             [
                 "loss",
                 "V",
+                "head",
                 "implementation",
                 "seconds",
                 "time / materialised",

@@ -34,3 +34,27 @@ def test_cpu_loss_benchmark_writes_its_table(tmp_path):
         (loss, impl) for loss in ("ga", "npo", "kl") for impl in ("naive", "ours")
     }
     assert all(r["seconds"] > 0 for r in records)
+
+
+def test_fused_linear_benchmark_compares_each_head_mode():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_fused_linear.py"),
+            "--tokens=8",
+            "--hidden=4",
+            "--vocabs",
+            "50",
+            "--losses",
+            "npo",
+            "--heads",
+            "trained",
+            "frozen",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    for head in ("trained", "frozen"):
+        assert f"| npo | 50 | {head} | ours |" in done.stdout
+        assert f"| npo | 50 | {head} | materialised |" in done.stdout
