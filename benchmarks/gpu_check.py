@@ -12,8 +12,9 @@ GA, NPO (cached reference log-probs) and forward KL for: ours (Triton), ours wit
 ``--compile-vocabs`` only: compiling every shape would not fit the time), and Liger-Kernel's
 cross-entropy for GA. Achieved GB/s counts the bytes that must move (per logit: log-prob forward
 1, backward 2 reads/writes of the logits' dtype, KL forward 2, backward 3) as a fraction of the
-measured copy bandwidth. Last, GA from hidden states (H = 4096, V = 128256, bfloat16): the fused
-``linear_ga_loss`` against materialised logits and PyTorch's ``linear_cross_entropy``. Writes
+measured copy bandwidth. Last, GA, NPO and KL from hidden states (H = 4096, V = 128256,
+bfloat16): the fused ``linear_*`` losses against materialised logits, and for GA PyTorch's
+``linear_cross_entropy``. Writes
 gpu_check.md and gpu_check.csv to OUT_DIR.
 
 Runs on the CPU too (``--device cpu`` with ``TRITON_INTERPRET=1`` and tiny ``--tokens/--vocabs``),
@@ -186,24 +187,34 @@ def peak_extra_bytes(fn, inputs, device: torch.device) -> float:
 
 
 def fused_linear_rows(device, timer: Timer, repeats: int, tokens: int, hidden: int, vocab: int):
-    """GA from hidden states in bfloat16: ours fused, materialised logits + ours, and PyTorch's
-    ``linear_cross_entropy`` (reference and chunked)."""
+    """GA, NPO and KL from hidden states in bfloat16: ours fused against materialised logits + ours,
+    and for GA PyTorch's ``linear_cross_entropy`` (reference and chunked)."""
     h = torch.randn(SEQUENCES, tokens // SEQUENCES, hidden, dtype=torch.bfloat16, device=device)
     w = torch.randn(vocab, hidden, dtype=torch.bfloat16, device=device) * hidden**-0.5
     h.requires_grad_(True)
     w.requires_grad_(True)
     y = torch.randint(0, vocab, h.shape[:2], device=device)
+    ref_h = torch.randn_like(h)
+    r = -torch.rand(h.shape[:2], device=device) * 10
     flat_h, flat_y = h.view(-1, hidden), y.view(-1)
     candidates = {
-        "ours fused": lambda: ul.linear_ga_loss(h, w, y, shift=False),
-        "materialised + ours": lambda: ul.ga_loss(F.linear(h, w), y, shift=False),
-        "F.linear_cross_entropy": lambda: -F.linear_cross_entropy(flat_h, w, flat_y),
-        "F.linear_cross_entropy chunked": lambda: (
+        ("ga", "ours fused"): lambda: ul.linear_ga_loss(h, w, y, shift=False),
+        ("ga", "materialised + ours"): lambda: ul.ga_loss(F.linear(h, w), y, shift=False),
+        ("ga", "F.linear_cross_entropy"): lambda: -F.linear_cross_entropy(flat_h, w, flat_y),
+        ("ga", "F.linear_cross_entropy chunked"): lambda: (
             -F.linear_cross_entropy(flat_h, w, flat_y, options=torch.nn.LinearCrossEntropyOptions())
+        ),
+        ("npo", "ours fused"): lambda: ul.linear_npo_loss(h, w, y, ref_logprobs=r, shift=False),
+        ("npo", "materialised + ours"): lambda: ul.npo_loss(
+            F.linear(h, w), y, ref_logprobs=r, shift=False
+        ),
+        ("kl", "ours fused"): lambda: ul.linear_kl_divergence(h, w, ref_h, labels=y, shift=False),
+        ("kl", "materialised + ours"): lambda: ul.kl_divergence(
+            F.linear(h, w), F.linear(ref_h, w).detach(), y, shift=False
         ),
     }
     rows = []
-    for name, loss in candidates.items():
+    for (loss_name, name), loss in candidates.items():
         if name.startswith("F.") and not hasattr(F, "linear_cross_entropy"):
             continue  # older PyTorch releases have neither
         if name.endswith("chunked") and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -220,7 +231,7 @@ def fused_linear_rows(device, timer: Timer, repeats: int, tokens: int, hidden: i
             torch.autograd.grad(loss(), (h, w))
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-        rows.append(["ga", name, tokens, hidden, vocab, f"{ms:.2f}", f"{peak:.0f}"])
+        rows.append([loss_name, name, tokens, hidden, vocab, f"{ms:.2f}", f"{peak:.0f}"])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     return rows
 

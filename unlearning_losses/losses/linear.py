@@ -3,8 +3,10 @@
 Each function takes ``hidden (B, T, H)`` or ``(N, H)``, the head ``weight (V, H)`` and an optional
 ``bias (V,)`` where its logits version takes ``logits = hidden @ weight.T + bias``, with the same
 semantics, options and errors. Work proceeds in chunks of rows whose float32 logits take at most
-64 MiB (or ``chunk_rows`` rows): computed, reduced, dropped, and recomputed in the backward. For a
-128k vocabulary that turns gigabytes of logits (and their float32 softmax) into one chunk.
+128 MiB (or ``chunk_rows`` rows): computed, reduced and dropped. Scalar token means form their
+gradients in that same pass; per-token and sequence-level results recompute each chunk in the
+backward, unless the head is frozen. For a 128k vocabulary that turns gigabytes of logits (and
+their float32 softmax) into one chunk.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def linear_token_logprobs(
         weight: the output head ``(V, H)``, same dtype and device.
         labels: ``(B, T)`` or ``(N,)`` integer, ``ignore_index`` at prompt and padding.
         bias: optional ``(V,)``.
-        chunk_rows: rows per chunk (default: as many as 64 MiB of float32 logits hold).
+        chunk_rows: rows per chunk (default: as many as 128 MiB of float32 logits hold).
         ignore_index, shift, validate: as :func:`~unlearning_losses.token_logprobs`.
 
     Returns:
