@@ -27,7 +27,7 @@ from .chunked import (
 
 #: Bytes of float32 logits that one chunk may hold; results do not depend on it. Each chunk's
 #: matmul re-reads (and re-packs) the whole head, so fewer, larger chunks are faster: on the CPU
-#: benchmark (V = 128256) 64 MiB chunks cost 15.5 s, 128 MiB 13.1 s, 256 MiB 11.8 s for GA.
+#: benchmark (V = 128256) frozen-head GA took 15.5 s with 64 MiB chunks, 13.1 s with 128 MiB.
 LINEAR_CHUNK_BYTES = 128 * 1024 * 1024
 #: Bytes of one block of a chunk's logits for the elementwise passes (cache-sized).
 CACHE_BLOCK_BYTES = CHUNK_BYTES
