@@ -49,8 +49,6 @@ LABEL_FUNCTIONS = {
     "undial_loss": lambda x, y, **kw: undial_loss(x, REF, y, **kw),
     "ceu_loss": lambda x, y, **kw: ceu_loss(x, y, **kw),
 }
-# Chunked PyTorch on every device: no backend to choose.
-WITHOUT_BACKEND = {"undial_loss", "ceu_loss"}
 
 COMMON_CASES = [
     ("int_logits", lambda f: f(LOGITS.long(), LABELS), TypeError, r"logits must be float16"),
@@ -119,20 +117,9 @@ COMMON_CASES = [
 ]
 
 
+@pytest.mark.parametrize("function", sorted(LABEL_FUNCTIONS))
 @pytest.mark.parametrize(
-    ("function", "call", "error", "message"),
-    [
-        (function, *case[1:])
-        for function in sorted(LABEL_FUNCTIONS)
-        for case in COMMON_CASES
-        if not (function in WITHOUT_BACKEND and case[0] == "unknown_backend")
-    ],
-    ids=[
-        f"{function}-{case[0]}"
-        for function in sorted(LABEL_FUNCTIONS)
-        for case in COMMON_CASES
-        if not (function in WITHOUT_BACKEND and case[0] == "unknown_backend")
-    ],
+    ("call", "error", "message"), [c[1:] for c in COMMON_CASES], ids=[c[0] for c in COMMON_CASES]
 )
 def test_every_labelled_function_refuses(function, call, error, message):
     with pytest.raises(error, match=message):

@@ -8,10 +8,10 @@ import reference as ref
 import torch
 from cases import cases
 from helpers import assert_matches_reference, value_and_grad
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from unlearning_losses import kl_divergence, token_logprobs
+from unlearning_losses import ceu_loss, kl_divergence, token_logprobs, undial_loss
 from unlearning_losses.ops import _triton_common
 
 pytestmark = pytest.mark.triton
@@ -157,3 +157,56 @@ def test_inplace_backward_writes_the_same_gradient_into_the_logits(backend, prim
     loss(logits, True).backward()
     assert captured["grad"].data_ptr() == logits.data_ptr()
     torch.testing.assert_close(leaf.grad, expected)
+
+
+def _scored_rows_keep_two_entries(case) -> bool:
+    """CE-U's target is undefined where the label is a scored row's only finite logit."""
+    x, _, valid, _ = ref.align(case.logits, case.labels, case.shift)
+    return bool((torch.isfinite(x.double()).sum(-1)[valid] >= 2).all())
+
+
+@settings(max_examples=15)
+@given(cases(dtypes=LOW_PRECISION, min_vocab=2), st.sampled_from([0.0, 3.0, "ceu"]))
+def test_triton_soft_targets_match_reference(case, beta):
+    """UNDIAL (the reference's label logit lowered by beta) and CE-U (the label removed)."""
+    assume(beta != "ceu" or _scored_rows_keep_two_entries(case))
+    case = _on_device(case)
+
+    def ours(x):
+        if beta == "ceu":
+            return ceu_loss(x, case.labels, shift=case.shift, backend="triton")
+        return undial_loss(
+            x, case.ref_logits, case.labels, beta=beta, shift=case.shift, backend="triton"
+        )
+
+    def expected(x):
+        if beta == "ceu":
+            return ref.ceu(x, case.labels, case.shift)
+        return ref.undial(x, case.ref_logits.double(), case.labels, beta, case.shift)
+
+    assert_matches_reference(case, ours, expected)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("vocab", [2, 13, 50])
+@pytest.mark.parametrize("loss", ["undial", "ceu"])
+def test_triton_soft_targets_equal_the_chunked_path(dtype, vocab, loss):
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(2, 7, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    ref_logits = (torch.randn(2, 7, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, (2, 7), generator=g).to(DEVICE)
+    labels[0, :3] = -100
+    upstream = torch.randn(2, 6, generator=g).to(DEVICE)
+
+    def run(backend):
+        def fn(x):
+            if loss == "ceu":
+                return ceu_loss(x, labels, reduction="none", backend=backend) * upstream
+            return undial_loss(x, ref_logits, labels, reduction="none", backend=backend) * upstream
+
+        return value_and_grad(fn, logits, 1.0)
+
+    (value_t, grad_t), (value_c, grad_c) = run("triton"), run("torch")
+    torch.testing.assert_close(value_t, value_c, rtol=1e-5, atol=1e-5)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(grad_t.float(), grad_c.float(), rtol=tol, atol=tol)

@@ -299,6 +299,7 @@ def undial_loss(
     retain_loss_type: RetainLossType = "NLL",
     ref_retain_logits: Tensor | None = None,
     ignore_index: int = -100,
+    backend: Backend = "auto",
 ) -> Tensor:
     r"""open-unlearning's UNDIAL: :math:`\gamma\,\mathrm{CE}(q, p_\theta)` with
     :math:`q = \operatorname{softmax}(z^{ref} - \beta e_y)`, plus :math:`\alpha\,\text{retain}`.
@@ -316,7 +317,7 @@ def undial_loss(
         forget_labels,
         ignore_index=ignore_index,
         shift=True,
-        backend="torch",
+        backend=backend,
         name="forget_logits",
         labels_name="forget_labels",
     )
@@ -336,10 +337,11 @@ def undial_loss(
         wrapped,
         torch.ones_like(tokens.valid),
         label_shift=beta,
+        backend=backend,
     )
     forget = per_token.mean()
     retain = _retain_term(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, "auto"
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
     return gamma * forget + alpha * retain
 
@@ -350,6 +352,7 @@ def ceu_loss(
     *,
     ignore_first_n_answer_tokens: int = 1,
     ignore_index: int = -100,
+    backend: Backend = "auto",
 ) -> Tensor:
     r"""open-unlearning's CE-U: :func:`unlearning_losses.ceu_loss` after masking the first
     ``ignore_first_n_answer_tokens`` valid labels of every sequence (the CE-U paper's footnote).
@@ -361,7 +364,10 @@ def ceu_loss(
     valid = forget_labels != ignore_index
     leading = valid & (valid.cumsum(-1) <= first_n)
     return _ceu_loss(
-        forget_logits, forget_labels.masked_fill(leading, ignore_index), ignore_index=ignore_index
+        forget_logits,
+        forget_labels.masked_fill(leading, ignore_index),
+        ignore_index=ignore_index,
+        backend=backend,
     )
 
 

@@ -3,8 +3,8 @@ r"""Forget losses that distil the model toward a soft target without the label: 
 Both are the token mean of the cross-entropy :math:`-\sum_v q_v \log p_\theta(v)` from a
 constant target distribution Q to the model. Q is a softmax of logits with the label's logit
 lowered: by ``beta`` on the reference model's logits (UNDIAL) or removed from the model's own
-detached logits (CE-U). One chunked pass forward, one backward; the gradient w.r.t. the logits
-is ``p - q``.
+detached logits (CE-U). One fused pass forward, one backward (the Triton KL kernels in their
+soft-target mode on CUDA, the chunked path elsewhere); the gradient w.r.t. the logits is ``p - q``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ def _soft_target_mean(
     shift: bool,
     reduction: str,
     num_items_in_batch: int | Tensor | None,
+    backend: str,
     validate: bool,
 ) -> Tensor:
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend="torch", validate=validate
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
     )
     if ref_logits is None:
         if tokens.logits.shape[-1] < 2:
@@ -43,7 +44,12 @@ def _soft_target_mean(
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     per_token = ops.soft_target_cross_entropy(
-        tokens.logits, target_logits, tokens.targets, tokens.valid, label_shift=label_shift
+        tokens.logits,
+        target_logits,
+        tokens.targets,
+        tokens.valid,
+        label_shift=label_shift,
+        backend=backend,
     )
     return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
 
@@ -58,6 +64,7 @@ def undial_loss(
     shift: bool = True,
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
     validate: bool = False,
 ) -> Tensor:
     r"""UNDIAL forget loss: self-distillation toward the reference with the label's logit lowered.
@@ -77,9 +84,7 @@ def undial_loss(
         labels: ``(B, T)`` or ``(N,)``, ``ignore_index`` at prompt and padding.
         beta: how far the label's logit is lowered, >= 0 (default 10.0, open-unlearning's
             config; 0 is plain distillation to the reference).
-        ignore_index, shift, reduction, num_items_in_batch, validate: as :func:`ga_loss`.
-
-    Runs on the chunked PyTorch path on every device (no Triton kernel yet).
+        ignore_index, shift, reduction, num_items_in_batch, backend, validate: as :func:`ga_loss`.
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return _soft_target_mean(
@@ -91,6 +96,7 @@ def undial_loss(
         shift,
         reduction,
         num_items_in_batch,
+        backend,
         validate,
     )
 
@@ -103,6 +109,7 @@ def ceu_loss(
     shift: bool = True,
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
+    backend: ops.Backend = "auto",
     validate: bool = False,
 ) -> Tensor:
     r"""CE-U (cross-entropy unlearning) forget loss, to minimize.
@@ -120,9 +127,8 @@ def ceu_loss(
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
-        ignore_index, labels, shift, reduction, num_items_in_batch, validate: as :func:`ga_loss`.
-
-    Runs on the chunked PyTorch path on every device (no Triton kernel yet).
+        ignore_index, labels, shift, reduction, num_items_in_batch, backend, validate: as
+            :func:`ga_loss`.
     """
     return _soft_target_mean(
         logits,
@@ -133,5 +139,6 @@ def ceu_loss(
         shift,
         reduction,
         num_items_in_batch,
+        backend,
         validate,
     )

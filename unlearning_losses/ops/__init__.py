@@ -88,14 +88,22 @@ def token_kl(
 
 
 def soft_target_cross_entropy(
-    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, *, label_shift: float
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    *,
+    label_shift: float,
+    backend: str = "auto",
 ) -> Tensor:
     """-sum_v q_v log p_v per row of ``[:, :L]``, Q = softmax(ref_logits - label_shift * onehot).
 
-    The target distribution Q is a constant; the gradient w.r.t. the logits is ``p - q``. Chunked
-    PyTorch on every device (UNDIAL and CE-U; no Triton kernel yet); 0 where not valid.
+    The target distribution Q is a constant; the gradient w.r.t. the logits is ``p - q`` (UNDIAL,
+    CE-U); 0 where not valid.
     """
-    return custom_ops.soft_target_ce(logits, ref_logits, targets, valid, label_shift)
+    which = resolve_backend(backend, logits)
+    out, _, _ = custom_ops.soft_target_ce(logits, ref_logits, targets, valid, label_shift, which)
+    return out
 
 
 def _require_triton(logits: Tensor) -> None:

@@ -167,15 +167,27 @@ token_kl.register_autograd(_kl_grad, setup_context=_kl_setup)
 
 @torch.library.custom_op("unlearning_losses::soft_target_ce", mutates_args=())
 def soft_target_ce(
-    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, label_shift: float
-) -> Tensor:
-    """Per-token cross-entropy from ``softmax(ref_logits - label_shift * onehot)`` to the model."""
-    return chunked.soft_target_forward(logits, ref_logits, targets, valid, label_shift)
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    label_shift: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token cross-entropy from ``softmax(ref_logits - label_shift * onehot)`` to the model,
+    with the log-sum-exps the Triton backward needs (empty placeholders for the chunked one)."""
+    if backend == "triton":
+        return _backend_module(backend, "kl").kl_forward(
+            logits, ref_logits, valid, False, targets, label_shift
+        )
+    ce = chunked.soft_target_forward(logits, ref_logits, targets, valid, label_shift)
+    return ce, ce.new_empty(0), ce.new_empty(0)
 
 
 @soft_target_ce.register_fake
-def _(logits, ref_logits, targets, valid, label_shift):
-    return _per_token(logits, valid)
+def _(logits, ref_logits, targets, valid, label_shift, backend):
+    aux = _per_token(logits, valid) if backend == "triton" else logits.new_empty(0)
+    return _per_token(logits, valid), aux, aux.clone()
 
 
 @torch.library.custom_op("unlearning_losses::soft_target_ce_backward", mutates_args=("grad",))
@@ -185,28 +197,52 @@ def soft_target_ce_backward(
     ref_logits: Tensor,
     targets: Tensor,
     valid: Tensor,
+    lse: Tensor,
+    ref_lse: Tensor,
+    ce: Tensor,
     label_shift: float,
     grad: Tensor,
+    backend: str,
 ) -> None:
-    chunked.soft_target_backward(grad_out, logits, ref_logits, targets, valid, label_shift, grad)
+    if backend == "triton":
+        _backend_module(backend, "kl").kl_backward(
+            grad_out, logits, ref_logits, valid, lse, ref_lse, ce, False, grad, targets, label_shift
+        )
+    else:
+        chunked.soft_target_backward(
+            grad_out, logits, ref_logits, targets, valid, label_shift, grad
+        )
 
 
 @soft_target_ce_backward.register_fake
-def _(grad_out, logits, ref_logits, targets, valid, label_shift, grad):
+def _(grad_out, logits, ref_logits, targets, valid, lse, ref_lse, ce, label_shift, grad, backend):
     return None
 
 
 def _soft_target_setup(ctx, inputs, output) -> None:
-    logits, ref_logits, targets, valid, label_shift = inputs
-    ctx.save_for_backward(logits, ref_logits, targets, valid)
-    ctx.label_shift = label_shift
+    logits, ref_logits, targets, valid, label_shift, backend = inputs
+    ce, lse, ref_lse = output
+    ctx.save_for_backward(logits, ref_logits, targets, valid, lse, ref_lse, ce)
+    ctx.label_shift, ctx.backend = label_shift, backend
 
 
-def _soft_target_grad(ctx, grad_out):
-    logits, ref_logits, targets, valid = ctx.saved_tensors
+def _soft_target_grad(ctx, grad_out, _grad_lse, _grad_ref_lse):
+    logits, ref_logits, targets, valid, lse, ref_lse, ce = ctx.saved_tensors
     grad = torch.empty_like(logits)
-    soft_target_ce_backward(grad_out, logits, ref_logits, targets, valid, ctx.label_shift, grad)
-    return grad, None, None, None, None
+    soft_target_ce_backward(
+        grad_out,
+        logits,
+        ref_logits,
+        targets,
+        valid,
+        lse,
+        ref_lse,
+        ce,
+        ctx.label_shift,
+        grad,
+        ctx.backend,
+    )
+    return grad, None, None, None, None, None
 
 
 soft_target_ce.register_autograd(_soft_target_grad, setup_context=_soft_target_setup)

@@ -12,6 +12,11 @@ times their difference is 0; NaN stays NaN. The backward recomputes both softmax
 log-sum-exps in one pass:
 
     d KL(P || Q) / d z_j = p_j (z_j - z_ref_j - lse + lse_ref - KL),   d KL(Q || P) / d z_j = p_j - q_j.
+
+With ``SOFT_TARGET`` the same pass gives the cross-entropy from Q to P, ``lse - sum_v q_v z_v``,
+where Q's logit at the row's target is first lowered by ``label_shift`` (UNDIAL; ``inf`` removes
+it, CE-U); its gradient is the reverse direction's ``p_j - q_j``. A target outside the vocabulary
+gives NaN.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import block_size, launch_rows
+from ._triton_common import block_size, launch_rows, row_targets
 
 FLOOR = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 
@@ -32,10 +37,17 @@ def _floored(x):
 
 
 @triton.jit
+def _soft_target(z_ref, columns, target, label_shift):
+    return tl.where(columns == target, z_ref - label_shift, z_ref)
+
+
+@triton.jit
 def _kl_forward_kernel(
     logits_ptr,
     ref_ptr,
     valid_ptr,
+    targets_ptr,
+    label_shift,
     out_ptr,
     lse_ptr,
     ref_lse_ptr,
@@ -48,10 +60,14 @@ def _kl_forward_kernel(
     stride_ref_t,
     stride_ref_v,
     FORWARD_KL: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
+    target = -1
+    if SOFT_TARGET:
+        target = tl.load(targets_ptr + row)
     if tl.load(valid_ptr + row) == 0:
         tl.store(out_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
@@ -76,16 +92,19 @@ def _kl_forward_kernel(
         z_ref = tl.load(
             ref_base + columns.to(tl.int64) * stride_ref_v, mask=in_vocab, other=float("-inf")
         ).to(tl.float32)
+        if SOFT_TARGET:
+            z_ref = _soft_target(z_ref, columns, target, label_shift)
         new_m = tl.maximum(m, z)
         new_m_ref = tl.maximum(m_ref, z_ref)
         rescale, rescale_ref = tl.exp(m - new_m), tl.exp(m_ref - new_m_ref)
         # exp of the raw logits: -inf entries and lanes past V weigh exactly 0.
         e, e_ref = tl.exp(z - new_m), tl.exp(z_ref - new_m_ref)
-        difference = _floored(z) - _floored(z_ref)
-        if FORWARD_KL:
-            w = w * rescale + e * difference
+        if SOFT_TARGET:
+            w = w * rescale_ref - e_ref * _floored(z)
+        elif FORWARD_KL:
+            w = w * rescale + e * (_floored(z) - _floored(z_ref))
         else:
-            w = w * rescale_ref - e_ref * difference
+            w = w * rescale_ref - e_ref * (_floored(z) - _floored(z_ref))
         s = s * rescale + e
         s_ref = s_ref * rescale_ref + e_ref
         m, m_ref = new_m, new_m_ref
@@ -94,7 +113,10 @@ def _kl_forward_kernel(
     total, total_ref = tl.sum(s * lane_scale, axis=0), tl.sum(s_ref * lane_scale_ref, axis=0)
     lse = row_m + tl.log(total)
     lse_ref = row_m_ref + tl.log(total_ref)
-    if FORWARD_KL:
+    if SOFT_TARGET:
+        kl = tl.sum(w * lane_scale_ref, axis=0) / total_ref + lse
+        kl = tl.where(target < vocab, kl, float("nan"))
+    elif FORWARD_KL:
         kl = tl.sum(w * lane_scale, axis=0) / total - lse + lse_ref
     else:
         kl = tl.sum(w * lane_scale_ref, axis=0) / total_ref - lse_ref + lse
@@ -109,6 +131,8 @@ def _kl_backward_kernel(
     logits_ptr,
     ref_ptr,
     valid_ptr,
+    targets_ptr,
+    label_shift,
     lse_ptr,
     ref_lse_ptr,
     kl_ptr,
@@ -125,11 +149,15 @@ def _kl_backward_kernel(
     stride_grad_t,
     stride_grad_v,
     FORWARD_KL: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
     valid = tl.load(valid_ptr + row) != 0
+    target = -1
+    if SOFT_TARGET:
+        target = tl.load(targets_ptr + row)
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
     grad_base = grad_ptr + b * stride_grad_b + t * stride_grad_t
@@ -148,13 +176,14 @@ def _kl_backward_kernel(
                     other=float("-inf"),
                 ).to(tl.float32)
             )
-            z_ref = _floored(
-                tl.load(
-                    ref_base + columns.to(tl.int64) * stride_ref_v,
-                    mask=in_vocab,
-                    other=float("-inf"),
-                ).to(tl.float32)
-            )
+            z_ref = tl.load(
+                ref_base + columns.to(tl.int64) * stride_ref_v,
+                mask=in_vocab,
+                other=float("-inf"),
+            ).to(tl.float32)
+            if SOFT_TARGET:
+                z_ref = _soft_target(z_ref, columns, target, label_shift)
+            z_ref = _floored(z_ref)
             p = tl.exp(z - lse)
             if FORWARD_KL:
                 grad = p * (z - z_ref - offset) * scale
@@ -169,18 +198,36 @@ def _kl_backward_kernel(
         )
 
 
+def _soft_target_args(
+    valid: Tensor, targets: Tensor | None, label_shift: float
+) -> tuple[Tensor, float]:
+    """Per-row targets for the soft-target mode (the mask stands in, unread, otherwise)."""
+    if targets is None:
+        return valid.contiguous(), 0.0
+    return row_targets(targets, valid), float(label_shift)
+
+
 def kl_forward(
-    logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool
+    logits: Tensor,
+    ref_logits: Tensor,
+    valid: Tensor,
+    forward_kl: bool,
+    targets: Tensor | None = None,
+    label_shift: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token KL and both log-sum-exps, float32 ``(B, L)``; 0 where not valid."""
+    """Per-token KL (or, given ``targets``, the soft-target cross-entropy) and both log-sum-exps,
+    float32 ``(B, L)``; 0 where not valid."""
     out = logits.new_empty(valid.shape, dtype=torch.float32)
     lse, ref_lse = torch.empty_like(out), torch.empty_like(out)
+    row_target, shift = _soft_target_args(valid, targets, label_shift)
     launch_rows(
         _kl_forward_kernel,
         valid,
         logits,
         ref_logits,
         valid.contiguous(),
+        row_target,
+        shift,
         out,
         lse,
         ref_lse,
@@ -189,6 +236,7 @@ def kl_forward(
         *logits.stride(),
         *ref_logits.stride(),
         FORWARD_KL=forward_kl,
+        SOFT_TARGET=targets is not None,
         BLOCK_V=block_size(logits.shape[-1]),
     )
     return out, lse, ref_lse
@@ -204,10 +252,14 @@ def kl_backward(
     kl: Tensor,
     forward_kl: bool,
     grad: Tensor,
+    targets: Tensor | None = None,
+    label_shift: float = 0.0,
 ) -> None:
-    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself); with
+    ``targets``, the soft-target cross-entropy's gradient."""
     scale = grad_out.to(torch.float32).masked_fill(~valid, 0.0).contiguous()
     grad[:, valid.shape[1] :].zero_()
+    row_target, shift = _soft_target_args(valid, targets, label_shift)
     launch_rows(
         _kl_backward_kernel,
         valid,
@@ -215,6 +267,8 @@ def kl_backward(
         logits,
         ref_logits,
         valid.contiguous(),
+        row_target,
+        shift,
         lse,
         ref_lse,
         kl,
@@ -224,6 +278,7 @@ def kl_backward(
         *logits.stride(),
         *ref_logits.stride(),
         *grad.stride(),
-        FORWARD_KL=forward_kl,
+        FORWARD_KL=forward_kl and targets is None,
+        SOFT_TARGET=targets is not None,
         BLOCK_V=block_size(logits.shape[-1]),
     )
