@@ -7,7 +7,7 @@ One command on a lent GPU (torch + triton, nothing to install; Liger-Kernel used
 It measures the device-to-device copy bandwidth; checks the kernels against a float64 reference on
 sampled rows at N = 8192 tokens and V in {32000, 128256, 256000}, bfloat16 and float32; and times
 forward, backward and forward+backward (CUDA events, median after warm-up, rotating inputs) of
-GA, NPO (cached reference log-probs) and forward KL for: ours (Triton), ours with
+GA, NPO (cached reference log-probs), forward KL and UNDIAL for: ours (Triton), ours with
 ``inplace_backward``, eager PyTorch as research code writes it, ``torch.compile`` of that (at the
 ``--compile-vocabs`` only: compiling every shape would not fit the time), and Liger-Kernel's
 cross-entropy for GA. Achieved GB/s counts the bytes that must move (per logit: log-prob forward
@@ -41,8 +41,10 @@ import unlearning_losses as ul
 
 SEQUENCES = 8
 BETA = 0.1
+UNDIAL_BETA = 10.0
 # Logit reads/writes per element (in the logits' dtype) that each pass must make.
 TRAFFIC = {"logprobs": {"fwd": 1, "bwd": 2, "fwd+bwd": 3}, "kl": {"fwd": 2, "bwd": 3, "fwd+bwd": 5}}
+TWO_INPUT_LOSSES = ("kl", "undial")  # read the reference's logits too
 
 
 class Timer:
@@ -97,12 +99,29 @@ def eager_kl(logits, labels, ref_logprobs, ref_logits):
     return -(logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+def eager_undial(logits, labels, ref_logprobs, ref_logits):
+    """UNDIAL as research code writes it: a float32 one-hot, the adjusted softmax, soft-label CE."""
+    lowered = F.one_hot(labels, logits.shape[-1]).float() * UNDIAL_BETA
+    target = F.softmax(ref_logits.float() - lowered, -1)
+    flat = logits.float().view(-1, logits.shape[-1])
+    return F.cross_entropy(flat, target.view(flat.shape))
+
+
 def ours(inplace: bool):
     options = {"shift": False, "backend": "triton", "inplace_backward": inplace}
     return {
         "ga": lambda x, y, r, q: ul.ga_loss(x, y, **options),
         "npo": lambda x, y, r, q: ul.npo_loss(x, y, ref_logprobs=r, beta=BETA, **options),
         "kl": lambda x, y, r, q: ul.kl_loss(x, q, y, **options),
+        **(
+            {}
+            if inplace
+            else {
+                "undial": lambda x, y, r, q: ul.undial_loss(
+                    x, q, y, beta=UNDIAL_BETA, shift=False, backend="triton"
+                )
+            }
+        ),
     }
 
 
@@ -126,6 +145,10 @@ def check_rows(logits, ref_logits, labels, rows: torch.Tensor) -> dict[str, floa
     (grad_lp,) = torch.autograd.grad((lp * upstream).sum(), x)
     kl = ul.kl_divergence(x, ref_logits, labels, shift=False, reduction="none", backend="triton")
     (grad_kl,) = torch.autograd.grad((kl * upstream).sum(), x)
+    undial = ul.undial_loss(
+        x, ref_logits, labels, beta=UNDIAL_BETA, shift=False, reduction="none", backend="triton"
+    )
+    (grad_undial,) = torch.autograd.grad((undial * upstream).sum(), x)
 
     flat = logits.view(-1, logits.shape[-1])[rows].double()
     ref_flat = ref_logits.view(-1, logits.shape[-1])[rows].double()
@@ -137,6 +160,9 @@ def check_rows(logits, ref_logits, labels, rows: torch.Tensor) -> dict[str, floa
     ref_grad_lp = g[:, None] * (onehot - p)
     ref_kl = (p * (logp - logq)).sum(-1)
     ref_grad_kl = g[:, None] * p * (logp - logq - ref_kl[:, None])
+    soft_target = (ref_flat - UNDIAL_BETA * onehot).softmax(-1)
+    ref_undial = -(soft_target * logp).sum(-1)
+    ref_grad_undial = g[:, None] * (p - soft_target)
 
     def err(got, want):
         return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
@@ -147,6 +173,8 @@ def check_rows(logits, ref_logits, labels, rows: torch.Tensor) -> dict[str, floa
         "logprob grad": err(grad_lp.view(-1, size)[rows], ref_grad_lp),
         "kl": err(kl.view(-1)[rows], ref_kl),
         "kl grad": err(grad_kl.view(-1, size)[rows], ref_grad_kl),
+        "undial": err(undial.view(-1)[rows], ref_undial),
+        "undial grad": err(grad_undial.view(-1, size)[rows], ref_grad_undial),
     }
 
 
@@ -294,7 +322,7 @@ def main() -> None:
             # The in-place providers overwrite their inputs, so they run last.
             providers = {
                 "ours": ours(False),
-                "eager": {"ga": eager_ga, "npo": eager_npo, "kl": eager_kl},
+                "eager": {"ga": eager_ga, "npo": eager_npo, "kl": eager_kl, "undial": eager_undial},
             }
             if vocab in args.compile_vocabs:
                 providers["torch.compile"] = {
@@ -309,7 +337,7 @@ def main() -> None:
                 for loss, fn in losses.items():
                     times = time_modes(fn, inputs, timer, args.repeats)
                     peak = peak_extra_bytes(fn, inputs, device)
-                    kind = "kl" if loss == "kl" else "logprobs"
+                    kind = "kl" if loss in TWO_INPUT_LOSSES else "logprobs"
                     moved = TRAFFIC[kind]["fwd+bwd"] * logits_bytes
                     gbps = moved / times["fwd+bwd"] / 1e6
                     rows.append(
@@ -340,6 +368,8 @@ def main() -> None:
         "log-prob grad rel err",
         "KL rel err",
         "KL grad rel err",
+        "UNDIAL rel err",
+        "UNDIAL grad rel err",
     ]
     header = [
         "loss",
