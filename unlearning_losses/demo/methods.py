@@ -9,7 +9,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import combine_with_retain, ga_loss, kl_divergence, kl_loss, nll_loss, npo_loss, simnpo_loss
+from .. import (
+    ceu_loss,
+    combine_with_retain,
+    ga_loss,
+    kl_divergence,
+    kl_loss,
+    nll_loss,
+    npo_loss,
+    simnpo_loss,
+    undial_loss,
+    wga_loss,
+)
 from .data import Corpus
 from .model import TinyCausalLM
 
@@ -69,6 +80,22 @@ def simnpo_retain(model, corpus, ref, rows):
     return combine_with_retain(forget, _retain_nll(model, corpus, rows))
 
 
+def wga_retain(model, corpus, ref, rows):
+    forget = wga_loss(*_forget(model, corpus), beta=1.0)
+    return combine_with_retain(forget, _retain_nll(model, corpus, rows))
+
+
+def undial_retain(model, corpus, ref, rows):
+    logits, labels = _forget(model, corpus)
+    forget = undial_loss(logits, ref.forget_logits, labels, beta=10.0)
+    return combine_with_retain(forget, _retain_nll(model, corpus, rows))
+
+
+def ceu_retain(model, corpus, ref, rows):
+    forget = ceu_loss(*_forget(model, corpus))
+    return combine_with_retain(forget, _retain_nll(model, corpus, rows))
+
+
 def kl_retain_kl(model, corpus, ref, rows):
     logits, labels = _forget(model, corpus)
     forget = kl_loss(logits, ref.forget_logits, labels)
@@ -84,6 +111,9 @@ LOSSES: dict[str, Loss] = {
     "NPO": npo,
     "NPO+retain NLL": npo_retain,
     "SimNPO+retain NLL": simnpo_retain,
+    "WGA+retain NLL": wga_retain,
+    "UNDIAL+retain NLL": undial_retain,
+    "CE-U+retain NLL": ceu_retain,
     "KL+retain KL": kl_retain_kl,
 }
 TASK_VECTOR = "task vector"
