@@ -52,6 +52,18 @@ def _cache_blocks(z: Tensor) -> Iterator[tuple[Tensor, slice]]:
         yield flat[rows], rows
 
 
+def _label_gradient_(
+    block: Tensor, lse: Tensor, logp: Tensor, index: Tensor, scale: Tensor | float
+) -> None:
+    """Overwrite rows of logits with d(scale * log p_y) / dz = scale (onehot(y) - p), in place.
+
+    ``lse``, ``logp`` (log p_y), ``index`` (y) and a tensor ``scale`` are ``(rows, 1)``. The label
+    entry, ``scale (1 - p_y) = -scale expm1(log p_y)``, is exact near p_y = 1.
+    """
+    block.sub_(lse).exp_().mul_(-scale)
+    block.scatter_(-1, index, -scale * torch.expm1(logp))
+
+
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
     """``hidden (..., H) @ weight.T + bias`` in the inputs' dtype (as a model computes them), as
     ``acc``."""
@@ -140,11 +152,10 @@ class LinearLogprobs(torch.autograd.Function):
                 block_lse = torch.logsumexp(block, -1, keepdim=True)
                 chunk_lse.view(-1)[rows] = block_lse.squeeze(-1)
                 index = targets_flat[rows]
-                picked.view(-1)[rows] = block.gather(-1, index).squeeze(-1)
+                label_logit = block.gather(-1, index)
+                picked.view(-1)[rows] = label_logit.squeeze(-1)
                 if directions is not None:
-                    # d log p_y / d z = onehot(y) - p; 1 - p_y = -expm1(log p_y)
-                    label_term = -torch.expm1(block.gather(-1, index) - block_lse)
-                    block.sub_(block_lse).exp_().neg_().scatter_(-1, index, label_term)
+                    _label_gradient_(block, block_lse, label_logit - block_lse, index, 1.0)
             lse[b, t] = chunk_lse
             out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
             if directions is not None:
@@ -168,18 +179,12 @@ class LinearLogprobs(torch.autograd.Function):
         grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
         if grads.hidden is not None:
             zero_outside(grads.hidden, ctx.groups)
-        neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
-        label_term = neg_scale * torch.expm1(logprobs)  # g (1 - p_y), exact near p_y = 1
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
         for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
             z = _logits(hidden[b, t], weight, bias, acc)
-            chunk_lse, chunk_scale = lse[b, t].reshape(-1, 1), neg_scale[b, t].reshape(-1, 1)
-            chunk_targets, chunk_label = (
-                safe_targets[b, t].reshape(-1, 1),
-                label_term[b, t].reshape(-1, 1),
-            )
+            chunk = [x[b, t].reshape(-1, 1) for x in (lse, logprobs, safe_targets, scale)]
             for block, rows in _cache_blocks(z):
-                block.sub_(chunk_lse[rows]).exp_().mul_(chunk_scale[rows])
-                block.scatter_(-1, chunk_targets[rows], chunk_label[rows])
+                _label_gradient_(block, *(x[rows] for x in chunk))
             grads.add(b, t, hidden, weight, z)
             del z
         return (*grads.result(weight, bias), None, None, None, None)
@@ -293,9 +298,7 @@ class LinearTokenSum(torch.autograd.Function):
                 logp = block.gather(-1, index).sub_(lse)
                 total += (logp * c).sum()
                 if grads is not None:
-                    # d (c log p_y) / d z_j = c (1[j = y] - p_j); 1 - p_y = -expm1(log p_y)
-                    block.sub_(lse).exp_().mul_(-c)
-                    block.scatter_(-1, index, -c * torch.expm1(logp))
+                    _label_gradient_(block, lse, logp, index, c)
             if grads is not None:
                 grads.add(b, t, hidden, weight, z)
             del z  # before the next chunk's logits exist
