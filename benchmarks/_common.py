@@ -56,6 +56,12 @@ def run_worker(script: str, args: Sequence[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def ratio(value: float, baseline: float) -> str:
+    """``value / baseline`` to two decimals; "n/a" when the baseline measured nothing (tiny runs,
+    where the resident-set high-water mark does not move)."""
+    return f"{value / baseline:.2f}" if baseline else "n/a"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

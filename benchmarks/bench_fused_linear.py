@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import unlearning_losses as ul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, median_seconds, peak_rss_bytes, run_worker
+from _common import machine, markdown_table, median_seconds, peak_rss_bytes, ratio, run_worker
 
 SEQUENCES = 4
 
@@ -124,9 +124,9 @@ def main() -> None:
                     head,
                     name,
                     f"{m['seconds']:.2f}",
-                    f"{m['seconds'] / base['seconds']:.2f}",
+                    ratio(m["seconds"], base["seconds"]),
                     f"{m['extra_bytes'] / 2**20:.0f}",
-                    f"{m['extra_bytes'] / base['extra_bytes']:.2f}",
+                    ratio(m["extra_bytes"], base["extra_bytes"]),
                 ]
             )
         print(f"{loss} V={vocab} head {head}: done", file=sys.stderr, flush=True)

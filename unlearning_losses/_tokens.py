@@ -1,4 +1,5 @@
-"""Aligning logits with labels: validation, the causal-LM shift, and the valid-position mask."""
+"""Aligning logits with labels: validation, the causal-LM shift, the valid-position mask, and how
+the inputs are spread over ranks (plain tensors with groups, or DTensors)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, sharding
 from .ops import BACKENDS
+from .sharding import LOCAL, Sharding
 
 
 @dataclass(frozen=True)
@@ -16,21 +18,47 @@ class Tokens:
     """Logits as ``(B, T, V)`` with the ``(B, L)`` targets and mask of the rows they score.
 
     Under the shift ``L = T - 1`` and row ``t`` scores ``labels[:, t + 1]``; otherwise ``L = T``.
-    ``flat`` records 2-D input, whose per-token results are returned as ``(N,)``.
+    ``flat`` records 2-D input, whose per-token results are returned as ``(N,)``. Every tensor
+    is this rank's piece; ``sharding`` says how the pieces make the whole batch.
     """
 
     logits: Tensor
     targets: Tensor
     valid: Tensor
     flat: bool
+    sharding: Sharding = LOCAL
+    global_shape: tuple[int, ...] = ()
+    """The caller's per-token shape over all ranks (DTensor logits; else unused)."""
+    name: str = "logits"
+    """The caller's name of the logits, for messages."""
 
     def batched(self, like: Tensor) -> Tensor:
         """A tensor shaped like the caller's logits, in the ``(B, T, V)`` layout of ``self.logits``."""
         return like.unsqueeze(0) if self.flat else like
 
     def unflatten(self, per_token: Tensor) -> Tensor:
-        """Per-token ``(B, L)`` values in the caller's layout: ``(N,)`` for 2-D input."""
-        return per_token.squeeze(0) if self.flat else per_token
+        """Per-token ``(B, L)`` values in the caller's layout: ``(N,)`` for 2-D input, a DTensor
+        for DTensor logits; scalars pass through."""
+        if per_token.dim() == 0:
+            return per_token
+        out = per_token.squeeze(0) if self.flat else per_token
+        return sharding.as_output(out, self.sharding, self.global_shape)
+
+    def per_sequence(self, values: Tensor) -> Tensor:
+        """Per-sequence ``(B,)`` values in the caller's layout (a DTensor for DTensor logits)."""
+        if values.dim() == 0 or self.flat:
+            return values
+        return sharding.as_output(values, self.sharding, self.global_shape[:1])
+
+    def local(self, value: object, name: str, *, per_token: bool = False) -> object:
+        """This rank's piece of another input (``ref_logits``; ``per_token``: reference
+        log-probs), checked against the logits' placements when it is a DTensor."""
+        return sharding.local_like(value, self.sharding, name, per_token=per_token)
+
+    def like_logits(self, value: object, name: str) -> Tensor:
+        """``value`` (e.g. reference logits) local, checked to match the logits, batched."""
+        caller = self.logits.squeeze(0) if self.flat else self.logits
+        return self.batched(_checks.check_like(self.local(value, name), caller, name, self.name))
 
 
 def align(
@@ -45,32 +73,54 @@ def align(
     labels_name: str = "labels",
     vocab_size: int | None = None,
     vocab_group: object = None,
+    sequence_group: object = None,
+    vocab_parallel: bool = True,
 ) -> Tokens:
     """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1).
 
     For the fused-linear losses ``logits`` is the hidden states (``name="hidden"``) and
     ``vocab_size`` comes from the head. With ``vocab_group`` the logits are this rank's shard of
-    the vocabulary, and labels index the whole of it.
+    the vocabulary, and labels index the whole of it; with ``sequence_group`` every sequence's
+    positions are split over that group. DTensor logits bring their groups in their placements
+    (SPEC §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without that path).
     """
-    logits = _checks.check_logits(logits, name)
-    labels = _checks.check_labels(labels, logits, labels_name, ref_name=name)
+    logits, split = _local_logits(logits, name, vocab_group, sequence_group, vocab_parallel)
+    labels = _checks.check_labels(
+        split.local(labels, labels_name, per_token=True), logits, labels_name, ref_name=name
+    )
     _checks.check_int(ignore_index, "ignore_index")
     _checks.check_choice(backend, BACKENDS, "backend")
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
-    if vocab_group is not None:
-        from .ops.vocab_parallel import global_vocab_size
-
-        vocab = global_vocab_size(logits, vocab_group)
+    if split.sharding.vocab is not None:
+        vocab = split.sharding.vocab.size
     _checks.check_label_range(labels, vocab, ignore_index, validate, labels_name)
     flat = logits.dim() == 2
+    if split.sharding.sequence_group is not None and shift and not flat:
+        raise ValueError(
+            f"{name} split over a sequence group (context parallel) need labels already shifted "
+            "(labels[:, t] scored by logits[:, t]) and shift=False: the shift cannot cross the "
+            "ranks' slices"
+        )
     if flat:
         logits, labels, shift = logits.unsqueeze(0), labels.unsqueeze(0), False
     targets = labels[:, 1:] if shift else labels
-    return Tokens(logits, targets.long(), targets != ignore_index, flat)
+    global_shape = split.global_shape
+    if shift and global_shape:
+        global_shape = (global_shape[0], global_shape[1] - 1)
+    return Tokens(
+        logits, targets.long(), targets != ignore_index, flat, split.sharding, global_shape, name
+    )
 
 
-def align_all_positions(logits: Tensor) -> Tokens:
+def align_all_positions(
+    logits: object,
+    *,
+    name: str = "logits",
+    vocab_group: object = None,
+    vocab_parallel: bool = True,
+) -> Tokens:
     """Every position of ``logits`` counts (no labels, no shift)."""
+    logits, split = _local_logits(logits, name, vocab_group, None, vocab_parallel)
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)
@@ -80,4 +130,41 @@ def align_all_positions(logits: Tensor) -> Tokens:
         torch.zeros(shape, dtype=torch.long, device=logits.device),
         torch.ones(shape, dtype=torch.bool, device=logits.device),
         flat,
+        split.sharding,
+        split.global_shape,
+        name,
     )
+
+
+@dataclass(frozen=True)
+class _Split:
+    sharding: Sharding
+    global_shape: tuple[int, ...]
+
+    def local(self, value: object, name: str, *, per_token: bool) -> object:
+        return sharding.local_like(value, self.sharding, name, per_token=per_token)
+
+
+def _local_logits(
+    logits: object,
+    name: str,
+    vocab_group: object,
+    sequence_group: object,
+    vocab_parallel: bool,
+) -> tuple[Tensor, _Split]:
+    """Checked logits as this rank's local tensor, and how they are spread over ranks."""
+    if not sharding.is_dtensor(logits):
+        logits = _checks.check_logits(logits, name)
+        return logits, _Split(sharding.from_groups(logits, vocab_group, sequence_group), ())
+    _checks.check_logits(logits, name)
+    if vocab_group is not None or sequence_group is not None:
+        raise ValueError(
+            f"{name} is a DTensor, whose placements give its groups; pass vocab_group and "
+            f"sequence_group only with plain tensors (got {name} with placements "
+            f"{tuple(logits.placements)})"
+        )
+    split = _Split(
+        sharding.from_dtensor(logits, name, vocab_parallel=vocab_parallel),
+        tuple(logits.shape[:-1]),
+    )
+    return logits.to_local(), split

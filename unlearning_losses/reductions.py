@@ -1,7 +1,9 @@
 """Token -> sequence -> batch reductions over a mask of valid positions.
 
 Empty selections contribute 0 (never NaN): means divide by ``max(count, 1)``, and a sequence
-without a valid token is left out of sequence means.
+without a valid token is left out of sequence means. With a :class:`~.sharding.Sharding` whose
+groups split the batch or the sequences over ranks, sums and counts are reduced over those groups
+first, so every rank returns the whole batch's value (SPEC §7).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import Tensor
+
+from .sharding import LOCAL, Sharding
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
@@ -18,28 +22,39 @@ def masked_sum(values: Tensor, valid: Tensor) -> Tensor:
     return values.masked_fill(~valid, 0.0).sum()
 
 
-def token_reduce(
-    values: Tensor,
-    valid: Tensor,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None = None,
-) -> Tensor:
-    """Reduce per-token values: ``mean`` over valid tokens (or ``sum / num_items_in_batch``),
-    ``sum``, or ``none`` (the values, 0 at invalid positions)."""
-    if reduction == "none":
-        return values.masked_fill(~valid, 0.0)
-    total = masked_sum(values, valid)
-    if reduction == "sum":
-        return total
-    count = valid.sum() if num_items_in_batch is None else num_items_in_batch
+def divide_by_count(total: Tensor, count: int | Tensor) -> Tensor:
+    """``total / max(count, 1)``: an empty selection gives 0."""
     if isinstance(count, Tensor):
         return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)
 
 
-def sequence_sums(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sequence sums of valid values and per-sequence valid counts, both ``(B,)``."""
-    return values.masked_fill(~valid, 0.0).sum(-1), valid.sum(-1)
+def token_reduce(
+    values: Tensor,
+    valid: Tensor,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None = None,
+    sharding: Sharding = LOCAL,
+) -> Tensor:
+    """Reduce per-token values: ``mean`` over valid tokens (or ``sum / num_items_in_batch``),
+    ``sum``, or ``none`` (the values, 0 at invalid positions)."""
+    if reduction == "none":
+        return values.masked_fill(~valid, 0.0)
+    total = sharding.sum_over_tokens(masked_sum(values, valid))
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        return divide_by_count(total, sharding.sum_over_tokens(valid.sum()))
+    return divide_by_count(total, num_items_in_batch)
+
+
+def sequence_sums(
+    values: Tensor, valid: Tensor, sharding: Sharding = LOCAL
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence sums of valid values and per-sequence valid counts, both ``(B,)``, over the
+    whole of each sequence (its slices on every rank of the sequence group)."""
+    sums = values.masked_fill(~valid, 0.0).sum(-1)
+    return sharding.sequence_parts(sums), sharding.sequence_parts(valid.sum(-1))
 
 
 def sequence_reduce(
@@ -47,7 +62,15 @@ def sequence_reduce(
     nonempty: Tensor,
     reduction: str,
     num_sequences: int | Tensor | None = None,
+    sharding: Sharding = LOCAL,
 ) -> Tensor:
     """Reduce per-sequence values over the sequences that have at least one valid token; with
     ``num_sequences`` (a global count, data parallel) the mean divides the sum by it."""
-    return token_reduce(values, nonempty, reduction, num_sequences)
+    if reduction == "none":
+        return values.masked_fill(~nonempty, 0.0)
+    total = sharding.sum_over_sequences(masked_sum(values, nonempty))
+    if reduction == "sum":
+        return total
+    if num_sequences is None:
+        return divide_by_count(total, sharding.sum_over_sequences(nonempty.sum()))
+    return divide_by_count(total, num_sequences)

@@ -19,6 +19,7 @@ def _side(
     backend: str,
     validate: bool,
     vocab_group: object,
+    sequence_group: object,
 ) -> _tokens.Tokens:
     return _tokens.align(
         logits,
@@ -30,6 +31,7 @@ def _side(
         name=f"{name}_logits",
         labels_name=f"{name}_labels",
         vocab_group=vocab_group,
+        sequence_group=sequence_group,
     )
 
 
@@ -51,6 +53,7 @@ def dpo_loss(
     backend: ops.Backend = "auto",
     validate: bool = False,
     vocab_group: object = None,
+    sequence_group: object = None,
 ) -> Tensor:
     r"""DPO loss on answer pairs (Rafailov et al., 2023), the IdkDPO baseline of unlearning.
 
@@ -75,8 +78,10 @@ def dpo_loss(
         reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty pairs).
         num_sequences: the global count of non-empty pairs (data parallel); ``"mean"`` only.
         ignore_index, shift, backend, validate, vocab_group: as :func:`ga_loss`.
+        sequence_group: the context-parallel group, as :func:`npo_loss` (labels already
+            shifted, ``shift=False``).
     """
-    args = (ignore_index, shift, backend, validate, vocab_group)
+    args = (ignore_index, shift, backend, validate, vocab_group, sequence_group)
     chosen = _side(chosen_logits, chosen_labels, "chosen", *args)
     rejected = _side(rejected_logits, rejected_labels, "rejected", *args)
     if chosen.flat != rejected.flat or chosen.logits.shape[0] != rejected.logits.shape[0]:
@@ -87,38 +92,42 @@ def dpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = _checks.check_mean_count(num_sequences, chosen.logits, reduction, "num_sequences")
+    split = chosen.sharding
+    if (split.batch_group, split.sequence_group) != (
+        rejected.sharding.batch_group,
+        rejected.sharding.sequence_group,
+    ):
+        raise ValueError(
+            "rejected_logits must be split over ranks as chosen_logits are (the same batch and "
+            "sequence placements)"
+        )
     ref_chosen = reference_logprobs(
         chosen,
-        chosen_logits,
         ref_chosen_logprobs,
         ref_chosen_logits,
         backend,
         names=("ref_chosen_logprobs", "ref_chosen_logits"),
-        logits_name="chosen_logits",
-        vocab_group=vocab_group,
     )
     ref_rejected = reference_logprobs(
         rejected,
-        rejected_logits,
         ref_rejected_logprobs,
         ref_rejected_logits,
         backend,
         names=("ref_rejected_logprobs", "ref_rejected_logits"),
-        logits_name="rejected_logits",
-        vocab_group=vocab_group,
     )
-    chosen_ratio, chosen_counts = _summed_log_ratio(chosen, ref_chosen, backend, vocab_group)
-    rejected_ratio, rejected_counts = _summed_log_ratio(
-        rejected, ref_rejected, backend, vocab_group
-    )
+    chosen_ratio, chosen_counts = _summed_log_ratio(chosen, ref_chosen, backend)
+    rejected_ratio, rejected_counts = _summed_log_ratio(rejected, ref_rejected, backend)
     per_pair = F.softplus(-beta * (chosen_ratio - rejected_ratio))
-    return sequence_reduce(per_pair, (chosen_counts + rejected_counts) > 0, reduction, count)
+    nonempty = (chosen_counts + rejected_counts) > 0
+    return chosen.per_sequence(sequence_reduce(per_pair, nonempty, reduction, count, split))
 
 
-def _summed_log_ratio(
-    tokens: _tokens.Tokens, ref: Tensor, backend: str, vocab_group: object
-) -> tuple[Tensor, Tensor]:
+def _summed_log_ratio(tokens: _tokens.Tokens, ref: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     logprobs = ops.label_logprobs(
-        tokens.logits, tokens.targets, tokens.valid, backend=backend, vocab_group=vocab_group
+        tokens.logits,
+        tokens.targets,
+        tokens.valid,
+        backend=backend,
+        vocab=tokens.sharding.vocab,
     )
-    return sequence_sums(logprobs - ref.to(logprobs.dtype), tokens.valid)
+    return sequence_sums(logprobs - ref.to(logprobs.dtype), tokens.valid, tokens.sharding)

@@ -56,9 +56,8 @@ def kl_divergence(
         A float32 scalar (float64 for float64 logits), or per-token values.
     """
     if labels is None:
-        logits = _checks.check_logits(logits)
         _checks.check_choice(backend, ops.BACKENDS, "backend")
-        tokens = _tokens.align_all_positions(logits)
+        tokens = _tokens.align_all_positions(logits, vocab_group=vocab_group)
     else:
         tokens = _tokens.align(
             logits,
@@ -69,20 +68,22 @@ def kl_divergence(
             validate=validate,
             vocab_group=vocab_group,
         )
-    ref_logits = _checks.check_like(ref_logits, logits, "ref_logits")
+    ref_logits = tokens.like_logits(ref_logits, "ref_logits")
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     per_token = ops.token_kl(
         tokens.logits,
-        tokens.batched(ref_logits),
+        ref_logits,
         tokens.valid,
         forward_kl=direction == "forward",
         backend=backend,
         inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
+        vocab=tokens.sharding.vocab,
     )
-    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+    return tokens.unflatten(
+        token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
+    )
 
 
 def kl_loss(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _checks, _tokens
+from .. import _checks, _tokens, sharding
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
@@ -22,9 +22,16 @@ from .npo import GRANULARITIES, Granularity, npo_from_logprobs
 from .simnpo import simnpo_from_logprobs
 
 
+def _head(weight, bias, hidden, names=("weight", "bias")):
+    """The head as local tensors, checked against ``hidden`` (local or a DTensor)."""
+    weight = sharding.whole(weight, names[0])
+    bias = sharding.whole(bias, names[1])
+    return _checks.check_head(weight, bias, hidden, *names)
+
+
 def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows):
     hidden = _checks.check_logits(hidden, "hidden")
-    weight, bias = _checks.check_head(weight, bias, hidden)
+    weight, bias = _head(weight, bias, hidden)
     tokens = _tokens.align(
         hidden,
         labels,
@@ -34,6 +41,7 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
         validate=validate,
         name="hidden",
         vocab_size=weight.shape[0],
+        vocab_parallel=False,
     )
     if chunk_rows is not None and (_checks.check_int(chunk_rows, "chunk_rows") < 1):
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
@@ -57,7 +65,10 @@ def _scalar_scale(tokens, reduction: str, num_items) -> Tensor:
     device = tokens.logits.device
     if reduction == "sum":
         return torch.ones((), dtype=torch.float64, device=device)
-    count = tokens.valid.sum() if num_items is None else torch.as_tensor(num_items, device=device)
+    if num_items is None:
+        count = tokens.sharding.sum_over_tokens(tokens.valid.sum())
+    else:
+        count = torch.as_tensor(num_items, device=device)
     return 1.0 / count.clamp(min=1).to(torch.float64)
 
 
@@ -117,7 +128,7 @@ def linear_ga_loss(
         return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
     scale = _scalar_scale(tokens, reduction, num_items)
-    return LinearTokenSum.apply(
+    total = LinearTokenSum.apply(
         tokens.logits,
         weight,
         bias,
@@ -127,6 +138,7 @@ def linear_ga_loss(
         chunk_rows,
         torch.is_grad_enabled(),
     )
+    return tokens.sharding.sum_over_tokens(total)
 
 
 def linear_nll_loss(
@@ -196,20 +208,21 @@ def linear_npo_loss(
             + ("both" if ref_logprobs is not None else "neither")
         )
     if ref_hidden is not None:
-        ref_tokens, ref_w, ref_b = _reference(
-            hidden, weight, ref_hidden, ref_weight, ref_bias, tokens
-        )
+        ref_tokens, ref_w, ref_b = _reference(weight, ref_hidden, ref_weight, ref_bias, tokens)
         with torch.no_grad():
             ref = LinearLogprobs.apply(
                 ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, False
             )
     else:
-        expected = tuple(tokens.unflatten(tokens.targets).shape)
-        ref = _checks.check_token_values(ref_logprobs, expected, tokens.logits, "ref_logprobs")
+        ref = tokens.local(ref_logprobs, "ref_logprobs", per_token=True)
+        expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
+        ref = _checks.check_token_values(ref, expected, tokens.logits, "ref_logprobs")
         ref = ref.detach().reshape(tokens.targets.shape)
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
-    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction)
-    return tokens.unflatten(result) if granularity == "token" else result
+    result = npo_from_logprobs(
+        logprobs, ref, tokens.valid, beta, granularity, reduction, sharding=tokens.sharding
+    )
+    return tokens.unflatten(result) if granularity == "token" else tokens.per_sequence(result)
 
 
 def linear_simnpo_loss(
@@ -234,7 +247,11 @@ def linear_simnpo_loss(
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
-    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction)
+    return tokens.per_sequence(
+        simnpo_from_logprobs(
+            logprobs, tokens.valid, beta, delta, reduction, sharding=tokens.sharding
+        )
+    )
 
 
 def linear_kl_divergence(
@@ -259,13 +276,13 @@ def linear_kl_divergence(
     differentiated."""
     if labels is None:
         hidden = _checks.check_logits(hidden, "hidden")
-        weight, bias = _checks.check_head(weight, bias, hidden)
-        tokens = _tokens.align_all_positions(hidden)
+        weight, bias = _head(weight, bias, hidden)
+        tokens = _tokens.align_all_positions(hidden, name="hidden", vocab_parallel=False)
     else:
         tokens, weight, bias = _align(
             hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
         )
-    ref_tokens, ref_w, ref_b = _reference(hidden, weight, ref_hidden, ref_weight, ref_bias, tokens)
+    ref_tokens, ref_w, ref_b = _reference(weight, ref_hidden, ref_weight, ref_bias, tokens)
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
@@ -284,7 +301,7 @@ def linear_kl_divergence(
         )
         return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
     scale = _scalar_scale(tokens, reduction, num_items)
-    return LinearKLSum.apply(
+    total = LinearKLSum.apply(
         tokens.logits,
         weight,
         bias,
@@ -297,6 +314,7 @@ def linear_kl_divergence(
         chunk_rows,
         torch.is_grad_enabled(),
     )
+    return tokens.sharding.sum_over_tokens(total)
 
 
 def linear_kl_loss(
@@ -311,17 +329,15 @@ def linear_kl_loss(
     return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
 
 
-def _reference(hidden, weight, ref_hidden, ref_weight, ref_bias, tokens):
+def _reference(weight, ref_hidden, ref_weight, ref_bias, tokens):
     """The reference side, validated, detached and laid out like ``tokens.logits``."""
-    ref_hidden = _checks.check_like(ref_hidden, hidden, "ref_hidden", "hidden")
+    ref_hidden = tokens.like_logits(ref_hidden, "ref_hidden")
     ref_weight = weight if ref_weight is None else ref_weight
-    ref_weight, ref_bias = _checks.check_head(
-        ref_weight, ref_bias, ref_hidden, "ref_weight", "ref_bias"
-    )
+    ref_weight, ref_bias = _head(ref_weight, ref_bias, ref_hidden, ("ref_weight", "ref_bias"))
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_weight must have shape ({weight.shape[0]}, {weight.shape[1]}) to match weight "
             f"(the same vocabulary); got {tuple(ref_weight.shape)}"
         )
     detach = [t.detach() if t is not None else None for t in (ref_hidden, ref_weight, ref_bias)]
-    return tokens.batched(detach[0]), detach[1], detach[2]
+    return detach[0], detach[1], detach[2]

@@ -73,6 +73,6 @@ def token_logprobs(
             tokens.valid,
             backend=backend,
             inplace_backward=inplace_backward,
-            vocab_group=vocab_group,
+            vocab=tokens.sharding.vocab,
         )
     )

@@ -51,11 +51,13 @@ def token_mean_logprob(
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
+        vocab=tokens.sharding.vocab,
     )
     if weights_of is not None:
         logprobs = logprobs * weights_of(logprobs.detach())
-    return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
+    return tokens.unflatten(
+        token_reduce(logprobs, tokens.valid, reduction, num_items, tokens.sharding)
+    )
 
 
 def ga_loss(

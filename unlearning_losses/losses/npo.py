@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
-from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums, token_reduce
+from ..reductions import (
+    REDUCTIONS,
+    Reduction,
+    divide_by_count,
+    sequence_reduce,
+    sequence_sums,
+    token_reduce,
+)
+from ..sharding import LOCAL, Sharding
 
 Granularity = Literal["sequence", "sequence_mean", "token", "batch"]
 GRANULARITIES: tuple[str, ...] = ("sequence", "sequence_mean", "token", "batch")
@@ -17,14 +25,11 @@ GRANULARITIES: tuple[str, ...] = ("sequence", "sequence_mean", "token", "batch")
 
 def reference_logprobs(
     tokens: _tokens.Tokens,
-    logits: Tensor,
     ref_logprobs: Tensor | None,
     ref_logits: Tensor | None,
     backend: str,
     *,
     names: tuple[str, str] = ("ref_logprobs", "ref_logits"),
-    logits_name: str = "logits",
-    vocab_group: object = None,
 ) -> Tensor:
     """The reference model's per-token log-probs ``(B, L)``, from exactly one of the two sources
     (named ``names`` in messages)."""
@@ -35,16 +40,17 @@ def reference_logprobs(
             + ("both" if ref_logprobs is not None else "neither")
         )
     if ref_logits is not None:
-        ref_logits = _checks.check_like(ref_logits, logits, logits_arg, logits_name)
+        ref_logits = tokens.like_logits(ref_logits, logits_arg)
         with torch.no_grad():
             return ops.label_logprobs(
-                tokens.batched(ref_logits),
+                ref_logits,
                 tokens.targets,
                 tokens.valid,
                 backend=backend,
-                vocab_group=vocab_group,
+                vocab=tokens.sharding.vocab,
             )
-    expected = tuple(tokens.unflatten(tokens.targets).shape)
+    ref_logprobs = tokens.local(ref_logprobs, logprobs_name, per_token=True)
+    expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
     ref_logprobs = _checks.check_token_values(ref_logprobs, expected, tokens.logits, logprobs_name)
     return ref_logprobs.detach().reshape(tokens.targets.shape)
 
@@ -66,6 +72,7 @@ def npo_loss(
     validate: bool = False,
     inplace_backward: bool = False,
     vocab_group: object = None,
+    sequence_group: object = None,
 ) -> Tensor:
     r"""NPO forget loss (Zhang et al., 2024, "Negative Preference Optimization"), to minimize.
 
@@ -97,6 +104,10 @@ def npo_loss(
         granularity: ``"sequence"``, ``"sequence_mean"``, ``"token"`` or ``"batch"``.
         ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
             :func:`ga_loss`.
+        sequence_group: a ``torch.distributed`` process group over which every sequence's
+            positions are split (context parallel): each sequence's sums and counts are reduced
+            over it before the nonlinearity, and every rank gets the whole batch's loss. Labels
+            (and ``ref_logprobs``) must come already shifted, with ``shift=False``.
         reduction: ``"mean"``, ``"sum"``, or ``"none"`` (per sequence ``(B,)``, 0 for a sequence
             without valid tokens; per token for ``"token"``).
         num_items_in_batch: for ``"token"`` granularity, the global count of valid tokens
@@ -116,24 +127,25 @@ def npo_loss(
         backend=backend,
         validate=validate,
         vocab_group=vocab_group,
+        sequence_group=sequence_group,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = check_npo_count(num_items_in_batch, num_sequences, granularity, reduction, tokens)
-    ref = reference_logprobs(
-        tokens, logits, ref_logprobs, ref_logits, backend, vocab_group=vocab_group
-    )
+    ref = reference_logprobs(tokens, ref_logprobs, ref_logits, backend)
     logprobs = ops.label_logprobs(
         tokens.logits,
         tokens.targets,
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
+        vocab=tokens.sharding.vocab,
     )
-    result = npo_from_logprobs(logprobs, ref, tokens.valid, beta, granularity, reduction, count)
-    return tokens.unflatten(result) if granularity == "token" else result
+    result = npo_from_logprobs(
+        logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
+    )
+    return tokens.unflatten(result) if granularity == "token" else tokens.per_sequence(result)
 
 
 def check_npo_count(
@@ -169,10 +181,12 @@ def npo_from_logprobs(
     granularity: str,
     reduction: str,
     count: int | Tensor | None = None,
+    sharding: Sharding = LOCAL,
 ) -> Tensor:
     """NPO of per-token model and reference log-probs ``(B, L)`` (see :func:`npo_loss`).
 
-    ``count`` is the global number of tokens (``"token"``) or sequences that the mean divides by.
+    ``count`` is the global number of tokens (``"token"``) or sequences that the mean divides by;
+    ``sharding`` says over which groups the batch is split.
     """
     log_ratio = (logprobs - ref.to(logprobs.dtype)).masked_fill(~valid, 0.0)
 
@@ -180,11 +194,11 @@ def npo_from_logprobs(
         return F.softplus(beta * delta) * (2.0 / beta)
 
     if granularity == "token":
-        return token_reduce(npo(log_ratio), valid, reduction, count)
+        return token_reduce(npo(log_ratio), valid, reduction, count, sharding)
     if granularity == "batch":
-        count = valid.sum()
-        delta = log_ratio.sum() / count.clamp(min=1)
+        count = sharding.sum_over_tokens(valid.sum())
+        delta = divide_by_count(sharding.sum_over_tokens(log_ratio.sum()), count)
         return torch.where(count > 0, npo(delta), 0.0)
-    sums, counts = sequence_sums(log_ratio, valid)
+    sums, counts = sequence_sums(log_ratio, valid, sharding)
     delta = sums if granularity == "sequence" else sums / counts.clamp(min=1)
-    return sequence_reduce(npo(delta), counts > 0, reduction, count)
+    return sequence_reduce(npo(delta), counts > 0, reduction, count, sharding)

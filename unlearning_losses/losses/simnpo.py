@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import _checks, _tokens, ops
 from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
+from ..sharding import LOCAL, Sharding
 
 
 def simnpo_loss(
@@ -23,6 +24,7 @@ def simnpo_loss(
     validate: bool = False,
     inplace_backward: bool = False,
     vocab_group: object = None,
+    sequence_group: object = None,
 ) -> Tensor:
     r"""SimNPO forget loss (Fan et al., 2024, "Simplicity Prevails"), to minimize.
 
@@ -37,6 +39,8 @@ def simnpo_loss(
     Args:
         logits, labels, ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
             :func:`ga_loss`.
+        sequence_group: the context-parallel group over which every sequence's positions are
+            split, as :func:`npo_loss` (labels already shifted, ``shift=False``).
         beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).
         delta: margin on the mean NLL, finite.
         reduction: ``"mean"`` over sequences, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty ones).
@@ -55,6 +59,7 @@ def simnpo_loss(
         backend=backend,
         validate=validate,
         vocab_group=vocab_group,
+        sequence_group=sequence_group,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
@@ -66,9 +71,11 @@ def simnpo_loss(
         tokens.valid,
         backend=backend,
         inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
+        vocab=tokens.sharding.vocab,
     )
-    return simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count)
+    return tokens.per_sequence(
+        simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
+    )
 
 
 def simnpo_from_logprobs(
@@ -78,9 +85,10 @@ def simnpo_from_logprobs(
     delta: float,
     reduction: str,
     num_sequences: int | Tensor | None = None,
+    sharding: Sharding = LOCAL,
 ) -> Tensor:
     """SimNPO of per-token log-probs ``(B, L)`` (see :func:`simnpo_loss`)."""
-    sums, counts = sequence_sums(logprobs, valid)
+    sums, counts = sequence_sums(logprobs, valid, sharding)
     mean_nll = -sums / counts.clamp(min=1)
     per_sequence = F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)
-    return sequence_reduce(per_sequence, counts > 0, reduction, num_sequences)
+    return sequence_reduce(per_sequence, counts > 0, reduction, num_sequences, sharding)

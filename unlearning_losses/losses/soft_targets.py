@@ -30,7 +30,13 @@ def _soft_target_mean(
     validate: bool,
 ) -> Tensor:
     tokens = _tokens.align(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, validate=validate
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        validate=validate,
+        vocab_parallel=False,
     )
     if ref_logits is None:
         if tokens.logits.shape[-1] < 2:
@@ -40,7 +46,7 @@ def _soft_target_mean(
             )
         target_logits = tokens.logits.detach()
     else:
-        target_logits = tokens.batched(_checks.check_like(ref_logits, logits, "ref_logits"))
+        target_logits = tokens.like_logits(ref_logits, "ref_logits")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     per_token = ops.soft_target_cross_entropy(
@@ -51,7 +57,9 @@ def _soft_target_mean(
         label_shift=label_shift,
         backend=backend,
     )
-    return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
+    return tokens.unflatten(
+        token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
+    )
 
 
 def undial_loss(

@@ -148,9 +148,7 @@ def tnpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
 
     def weighting(tokens: _tokens.Tokens) -> Callable[[Tensor], Tensor]:
-        ref = reference_logprobs(
-            tokens, logits, ref_logprobs, ref_logits, backend, vocab_group=vocab_group
-        )
+        ref = reference_logprobs(tokens, ref_logprobs, ref_logits, backend)
         return lambda logprobs: 2.0 * torch.sigmoid(beta * (logprobs - ref.to(logprobs.dtype)))
 
     return token_mean_logprob(

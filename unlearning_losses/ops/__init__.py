@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..sharding import VocabShard
 from . import custom_ops
 
 Backend = Literal["auto", "torch", "triton"]
@@ -45,17 +46,17 @@ def label_logprobs(
     *,
     backend: str = "auto",
     inplace_backward: bool = False,
-    vocab_group: object = None,
+    vocab: VocabShard | None = None,
 ) -> Tensor:
     """log p(target) per row of ``logits[:, :L]``: float32 (float64 for float64), 0 where not valid.
 
-    ``targets`` and ``valid`` are ``(B, L)``. Differentiable in ``logits``. With ``vocab_group``
-    (a ``torch.distributed`` process group) the logits hold this rank's shard of the vocabulary.
+    ``targets`` and ``valid`` are ``(B, L)``. Differentiable in ``logits``. With ``vocab`` the
+    logits hold this rank's slice of the vocabulary.
     """
-    if vocab_group is not None:
+    if vocab is not None:
         from . import vocab_parallel
 
-        return vocab_parallel.VocabParallelLogprobs.apply(logits, targets, valid, vocab_group)
+        return vocab_parallel.VocabParallelLogprobs.apply(logits, targets, valid, vocab)
     which = resolve_backend(backend, logits)
     out, _ = custom_ops.logprobs(logits, targets, valid, which, inplace_backward)
     return out
@@ -69,18 +70,18 @@ def token_kl(
     forward_kl: bool,
     backend: str = "auto",
     inplace_backward: bool = False,
-    vocab_group: object = None,
+    vocab: VocabShard | None = None,
 ) -> Tensor:
     """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, P from ``logits``.
 
     Differentiable in ``logits`` only (``ref_logits`` is a constant); 0 where not valid. With
-    ``vocab_group`` both hold this rank's shard of the vocabulary.
+    ``vocab`` both hold this rank's slice of the vocabulary.
     """
-    if vocab_group is not None:
+    if vocab is not None:
         from . import vocab_parallel
 
         return vocab_parallel.VocabParallelTokenKL.apply(
-            logits, ref_logits, valid, forward_kl, vocab_group
+            logits, ref_logits, valid, forward_kl, vocab.group
         )
     which = resolve_backend(backend, logits)
     out, _, _ = custom_ops.token_kl(logits, ref_logits, valid, forward_kl, which, inplace_backward)

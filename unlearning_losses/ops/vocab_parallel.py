@@ -1,7 +1,7 @@
 """The token reductions over vocabulary-parallel (tensor-parallel) logits.
 
-Each rank of ``group`` holds the columns ``[rank * V_local, (rank + 1) * V_local)`` of the logits,
-as Megatron-style vocab-parallel output heads produce them. A row's global log-sum-exp combines the
+Each rank of the group holds a contiguous slice of the columns of the logits, as Megatron-style
+vocab-parallel output heads and DTensor ``Shard`` placements produce them (uneven slices too). A row's global log-sum-exp combines the
 ranks' local ones with two all-reduces (``max``, then ``sum`` of the rescaled partial sums); the
 label logit travels in the same ``sum``. The KL needs one more ``sum`` for its weighted terms. Each
 backward is local: ``d/dz_j`` of the per-token value depends only on column ``j`` and the global
@@ -16,12 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ..sharding import VocabShard
 from .chunked import accumulation_dtype, log_ratio, row_chunks, row_groups, zero_outside
-
-
-def global_vocab_size(logits: Tensor, group: object) -> int:
-    """The unsharded vocabulary: every rank holds ``logits.shape[-1]`` columns."""
-    return logits.shape[-1] * dist.get_world_size(group)
 
 
 def _global_lse(local_lse: Tensor, group: object, extra: Tensor | None = None):
@@ -43,11 +39,11 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor, group: object
+        ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor, vocab: VocabShard
     ) -> Tensor:
         acc = accumulation_dtype(logits.dtype)
         local_vocab = logits.shape[-1]
-        local_targets = targets - dist.get_rank(group) * local_vocab
+        local_targets = targets - vocab.offset
         in_shard = valid & (local_targets >= 0) & (local_targets < local_vocab)
         local_targets = torch.where(in_shard, local_targets, 0)
         local_lse = torch.zeros(valid.shape, dtype=acc, device=logits.device)
@@ -58,7 +54,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
             local_lse[b, t] = torch.logsumexp(x, -1)
             picked = x.gather(-1, local_targets[b, t, None]).squeeze(-1)
             label_logit[b, t] = torch.where(in_shard[b, t], picked, 0.0)
-        lse, label_logit = _global_lse(local_lse[None], group, label_logit)
+        lse, label_logit = _global_lse(local_lse[None], vocab.group, label_logit)
         lse = lse[0]
         out = torch.where(valid, label_logit - lse, 0.0)
         ctx.save_for_backward(logits, local_targets, in_shard, valid, lse)
