@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_on_ranks
 
 from unlearning_losses import (
     ceu_loss,
@@ -142,15 +142,6 @@ def _check_vocab_parallel(rank: int) -> None:
 CHECKS = {"data_parallel": _check_data_parallel, "vocab_parallel": _check_vocab_parallel}
 
 
-def _worker(rank: int, check: str, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        CHECKS[check](rank)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_two_ranks_equal_one_process(check, tmp_path):
-    mp.spawn(_worker, args=(check, str(tmp_path / "rendezvous")), nprocs=WORLD, join=True)
+    run_on_ranks(CHECKS[check], WORLD, tmp_path)

@@ -85,6 +85,13 @@ def align(
     (SPEC §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without that path).
     """
     logits, split = _local_logits(logits, name, vocab_group, sequence_group, vocab_parallel)
+    flat = logits.dim() == 2
+    if split.sharding.sequence_group is not None and shift and not flat:
+        raise ValueError(
+            f"{name} split over a sequence group (context parallel) need labels already shifted "
+            "(labels[:, t] scored by logits[:, t]) and shift=False: the shift cannot cross the "
+            "ranks' slices"
+        )
     labels = _checks.check_labels(
         split.local(labels, labels_name, per_token=True), logits, labels_name, ref_name=name
     )
@@ -94,13 +101,6 @@ def align(
     if split.sharding.vocab is not None:
         vocab = split.sharding.vocab.size
     _checks.check_label_range(labels, vocab, ignore_index, validate, labels_name)
-    flat = logits.dim() == 2
-    if split.sharding.sequence_group is not None and shift and not flat:
-        raise ValueError(
-            f"{name} split over a sequence group (context parallel) need labels already shifted "
-            "(labels[:, t] scored by logits[:, t]) and shift=False: the shift cannot cross the "
-            "ranks' slices"
-        )
     if flat:
         logits, labels, shift = logits.unsqueeze(0), labels.unsqueeze(0), False
     targets = labels[:, 1:] if shift else labels
