@@ -2,11 +2,16 @@
 
 Each batch holds a forget part and a retain part. Methods: ``ga`` (GA + retain NLL), ``npo`` (NPO
 against reference log-probs precomputed once, the cheap option with no second model in memory, +
-retain NLL) and ``ga+kl`` (GA + KL to a frozen reference model on the retain set). The retain NLL
-takes Hugging Face's ``num_items_in_batch``, so gradient accumulation stays exact. Runs on a tiny randomly initialised Llama built from
-a config (no download):
+retain NLL) and ``ga+kl`` (GA + KL to a frozen reference model on the retain set). Runs on a tiny
+randomly initialised Llama built from a config (no download):
 
     python examples/hf_trainer.py --method npo --steps 20
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --method npo --batch-size 2 --grad-accum 2
+
+Exact across gradient accumulation and ranks: the retain term divides by the Trainer's
+``num_items_in_batch`` (every micro-batch of the step, every rank); the forget term by the same
+kind of count of the forget labels, made by ``global_counts`` over the step's micro-batches; and
+the loss is multiplied by the number of processes, since DDP averages the ranks' gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from unlearning_losses import (
     combine_with_retain,
     ga_loss,
+    global_counts,
     kl_divergence,
     nll_loss,
     npo_loss,
@@ -61,19 +67,45 @@ def _mask_prompt(ids: torch.Tensor, prompt: int) -> torch.Tensor:
 
 
 class UnlearningTrainer(Trainer):
-    def __init__(self, *args, method: str, ref_model=None, retain_weight: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        method: str,
+        ref_model=None,
+        retain_weight: float = 1.0,
+        global_forget_counts: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.method, self.ref_model, self.retain_weight = method, ref_model, retain_weight
+        self.global_forget_counts = global_forget_counts
+        self.forget_counts = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count the forget tokens and sequences of the whole step (every micro-batch, every
+        rank), as the Trainer counts ``num_items_in_batch`` for the retain labels."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches and self.global_forget_counts:
+            self.forget_counts = global_counts([b["forget_labels"] for b in batches])
+        return batches, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget_logits = model(input_ids=inputs["forget_input_ids"]).logits
         forget_labels = inputs["forget_labels"]
+        counts = self.forget_counts if model.training else None
         if self.method == "npo":
             forget = npo_loss(
-                forget_logits, forget_labels, ref_logprobs=inputs["forget_ref_logprobs"]
+                forget_logits,
+                forget_labels,
+                ref_logprobs=inputs["forget_ref_logprobs"],
+                num_sequences=None if counts is None else counts.sequences,
             )
         else:
-            forget = ga_loss(forget_logits, forget_labels)
+            forget = ga_loss(
+                forget_logits,
+                forget_labels,
+                num_items_in_batch=None if counts is None else counts.tokens,
+            )
         retain_outputs = model(input_ids=inputs["input_ids"])
         if self.method == "ga+kl":
             with torch.no_grad():
@@ -89,6 +121,8 @@ class UnlearningTrainer(Trainer):
                 retain_outputs.logits, inputs["labels"], num_items_in_batch=num_items_in_batch
             )
         loss = combine_with_retain(forget, retain, retain_weight=self.retain_weight)
+        if counts is not None:  # each rank holds its share of the global mean; DDP averages
+            loss = loss * self.accelerator.num_processes
         return (loss, retain_outputs) if return_outputs else loss
 
 
@@ -106,7 +140,17 @@ def tiny_llama(vocab: int = 64, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def build(method: str, steps: int, output_dir: str, seed: int = 0):
+def build(
+    method: str,
+    steps: int,
+    output_dir: str,
+    seed: int = 0,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    optim: str = "adamw_torch",
+    learning_rate: float = 1e-3,
+    global_forget_counts: bool = True,
+):
     """A trainer on random forget/retain sequences, and the forget tensors to evaluate with."""
     model = tiny_llama(seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -123,8 +167,11 @@ def build(method: str, steps: int, output_dir: str, seed: int = 0):
     args = TrainingArguments(
         output_dir=output_dir,
         max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        average_tokens_across_devices=True,
+        learning_rate=learning_rate,
+        optim=optim,
         report_to=[],
         save_strategy="no",
         logging_steps=5,
@@ -139,6 +186,7 @@ def build(method: str, steps: int, output_dir: str, seed: int = 0):
         train_dataset=dataset,
         method=method,
         ref_model=reference if method == "ga+kl" else None,
+        global_forget_counts=global_forget_counts,
     )
     return trainer, forget_ids, forget_labels
 
@@ -152,13 +200,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=METHODS, default="npo")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8, help="per device")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optimizer")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--local-forget-mean",
+        action="store_true",
+        help="average the forget term per micro-batch and rank, as most research code does "
+        "(inexact under accumulation and data parallel; for comparison)",
+    )
     parser.add_argument("--output-dir", default="hf-trainer-output")
+    parser.add_argument("--save-params", help="also save the trained parameters to this file")
     args = parser.parse_args()
-    trainer, forget_ids, forget_labels = build(args.method, args.steps, args.output_dir)
+    trainer, forget_ids, forget_labels = build(
+        args.method,
+        args.steps,
+        args.output_dir,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        optim=args.optim,
+        learning_rate=args.learning_rate,
+        global_forget_counts=not args.local_forget_mean,
+    )
     before = forget_nll(trainer.model, forget_ids, forget_labels)
     trainer.train()
     after = forget_nll(trainer.model, forget_ids, forget_labels)
-    print(f"{args.method}: forget-set NLL {before:.3f} -> {after:.3f}")
+    if trainer.is_world_process_zero():
+        print(f"{args.method}: forget-set NLL {before:.3f} -> {after:.3f}")
+        if args.save_params:
+            torch.save(trainer.model.state_dict(), args.save_params)
 
 
 if __name__ == "__main__":

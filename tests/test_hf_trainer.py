@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,37 @@ def test_trainer_loss_is_the_librarys_and_forget_nll_rises(method, tmp_path):
     trainer.train()
     after = hf_trainer.forget_nll(model, forget_ids, forget_labels)
     assert after > before + 0.1
+
+
+def _train(tmp_path, name: str, ranks: int, method: str, *options: str) -> dict:
+    """Run the example for 3 SGD steps on ``ranks`` processes; its parameters after training."""
+    params = tmp_path / f"{name}.pt"
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    common = ["--method", method, "--steps=3", "--optim=sgd", "--learning-rate=0.5"]
+    files = [f"--output-dir={tmp_path / name}", f"--save-params={params}"]
+    subprocess.run(
+        [*launcher, str(EXAMPLE), *common, *options, *files],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return torch.load(params)
+
+
+def _worst_relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ga", "npo"])
+def test_two_ranks_with_accumulation_equal_one_process_with_the_whole_batch(method, tmp_path):
+    one = _train(tmp_path, "one", 1, method, "--batch-size=8")
+    two = _train(tmp_path, "two", 2, method, "--batch-size=2", "--grad-accum=2")
+    assert _worst_relative_difference(two, one) < 1e-6
+    if method == "ga":  # the negative control: per-micro-batch means are not the big batch's
+        local = _train(
+            tmp_path, "local", 2, method, "--batch-size=2", "--grad-accum=2", "--local-forget-mean"
+        )
+        assert _worst_relative_difference(local, one) > 1e-4

@@ -8,6 +8,7 @@ per-rank gradients (what DDP/FSDP all-reduce) is the single-process full-batch g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checks
+from .sharding import check_group
 
 
 class GlobalCounts(NamedTuple):
@@ -27,7 +29,7 @@ class GlobalCounts(NamedTuple):
 
 
 def global_counts(
-    labels: Tensor,
+    labels: Tensor | Sequence[Tensor],
     *,
     ignore_index: int = -100,
     shift: bool = True,
@@ -37,10 +39,12 @@ def global_counts(
 
     One ``all_reduce`` of two integers over ``group`` (the default group when ``None``), when
     ``torch.distributed`` is initialised; the local counts otherwise. Under gradient accumulation,
-    count over every micro-batch of the step instead, as Hugging Face Trainer does.
+    pass the labels of every micro-batch of the step (a list), as Hugging Face Trainer counts
+    ``num_items_in_batch``: still one ``all_reduce``.
 
     Args:
-        labels: this rank's ``(B, T)`` or ``(N,)`` labels (``(N,)``: one sequence).
+        labels: this rank's ``(B, T)`` or ``(N,)`` labels (``(N,)``: one sequence), or a list of
+            them (micro-batches, of any lengths).
         ignore_index: the label value of ignored positions.
         shift: for ``(B, T)`` labels, drop each sequence's first label as the causal-LM losses
             do; ``False`` for already-aligned labels (and for :func:`rmu_loss`'s positions).
@@ -51,18 +55,30 @@ def global_counts(
         >>> loss = ga_loss(logits, labels, num_items_in_batch=counts.tokens)  # doctest: +SKIP
         >>> loss = npo_loss(logits, labels, ref_logprobs=ref, num_sequences=counts.sequences)  # doctest: +SKIP
     """
-    labels = _checks.check_tensor(labels, "labels")
+    _checks.check_int(ignore_index, "ignore_index")
+    check_group(group, "group")
+    batches = [labels] if isinstance(labels, Tensor) else list(labels)
+    if not batches:
+        raise ValueError(
+            "labels must be a tensor or a non-empty list of tensors; got an empty list"
+        )
+    counts = sum(
+        _local_counts(_checks.check_tensor(b, "labels"), ignore_index, shift) for b in batches
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return GlobalCounts(counts[0], counts[1])
+
+
+def _local_counts(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """``[valid tokens, non-empty sequences]`` of one rank's labels, int64."""
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
     if labels.dim() not in (1, 2):
         raise ValueError(f"labels must have shape (B, T) or (N,); got {tuple(labels.shape)}")
-    _checks.check_int(ignore_index, "ignore_index")
     if labels.dim() == 1:  # aligned, as the losses treat 2-D logits
         labels = labels.unsqueeze(0)
     elif shift:
         labels = labels[:, 1:]
     valid = labels != ignore_index
-    counts = torch.stack([valid.sum(), valid.any(-1).sum()]).to(torch.int64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    return GlobalCounts(counts[0], counts[1])
+    return torch.stack([valid.sum(), valid.any(-1).sum()]).to(torch.int64)
