@@ -58,3 +58,24 @@ def test_fused_linear_benchmark_compares_each_head_mode():
     for head in ("trained", "frozen"):
         assert f"| npo | 50 | {head} | ours |" in done.stdout
         assert f"| npo | 50 | {head} | materialised |" in done.stdout
+
+
+def test_dtensor_benchmark_compares_both_paths(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_dtensor.py"),
+            "--batch=1",
+            "--tokens=6",
+            "--vocab=20",
+            "--repeats=1",
+            "--losses",
+            "ga",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    table = (tmp_path / "dtensor.md").read_text()
+    assert "| ga |" in table and "peak extra memory" in table
