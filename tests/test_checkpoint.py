@@ -200,7 +200,7 @@ def test_overwrite_replaces_an_existing_output(tmp_path):
 
 
 def test_sigkill_while_writing_leaves_no_output_and_intact_inputs(tmp_path):
-    base = {f"layer{i}.weight": torch.randn(1024, 1024) for i in range(24)}  # 96 MiB
+    base = {f"layer{i}.weight": torch.randn(256, 1024) for i in range(24)}  # 24 MiB
     write_sharded(tmp_path / "base", base, shards=3)
     write_sharded(tmp_path / "ft", {n: t + 1 for n, t in base.items()}, shards=3)
     before = digest(tmp_path / "base"), digest(tmp_path / "ft")
@@ -219,7 +219,7 @@ def test_sigkill_while_writing_leaves_no_output_and_intact_inputs(tmp_path):
             "--out",
             str(tmp_path / "out"),
             "--max-shard-size",
-            "4MiB",
+            "1MiB",
             "--quiet",
         ],
         stdout=subprocess.DEVNULL,
@@ -239,3 +239,12 @@ def test_sigkill_while_writing_leaves_no_output_and_intact_inputs(tmp_path):
     assert process.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
     assert (digest(tmp_path / "base"), digest(tmp_path / "ft")) == before
+    # The next run on the same output removes the dead run's partial folder, and says so.
+    with pytest.warns(
+        UserWarning, match=r"removed .*\.out\.partial-.*, the partial output of an earlier run"
+    ):
+        negate_task_vector_checkpoint(
+            tmp_path / "base", tmp_path / "ft", tmp_path / "out", 5.0, progress=False
+        )
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -42,17 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .checkpoint import negate_task_vector_checkpoint
 
-        report = negate_task_vector_checkpoint(
-            args.base,
-            args.finetuned,
-            args.out,
-            args.alpha,
-            max_shard_size=args.max_shard_size,
-            out_dtype=DTYPES.get(args.out_dtype),
-            allow_dtype_mismatch=args.allow_dtype_mismatch,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
+        try:
+            report = negate_task_vector_checkpoint(
+                args.base,
+                args.finetuned,
+                args.out,
+                args.alpha,
+                max_shard_size=args.max_shard_size,
+                out_dtype=DTYPES.get(args.out_dtype),
+                allow_dtype_mismatch=args.allow_dtype_mismatch,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+            )
+        except (ValueError, TypeError) as error:  # the user's input: one line, no traceback
+            print(f"{parser.prog} task-vector: error: {error}", file=sys.stderr)
+            sys.exit(2)
         print(f"wrote {args.out}: {report.summary()}")
 
 

@@ -74,6 +74,7 @@ def apply_task_vector(
             raise ValueError(
                 f"vector[{name!r}] must have shape {tuple(base[name].shape)}; got {tuple(delta.shape)}"
             )
+    check_ties({n: f for n, f in tied_names(base).items() if n in vector}, vector.__getitem__)
     return _elementwise(base, lambda name, part, b: b + scale * _other(vector, name, part))
 
 
@@ -113,6 +114,7 @@ def negate_task_vector(
     base, finetuned = _state(base, "base"), _state(finetuned, "finetuned")
     alpha = _checks.check_finite_number(alpha, "alpha")
     _check_compatible(base, finetuned, allow_dtype_mismatch=allow_dtype_mismatch)
+    check_ties(tied_names(base), finetuned.__getitem__)
     if all(
         torch.equal(t, finetuned[n].to(t.dtype)) for n, t in base.items() if t.is_floating_point()
     ):
@@ -239,6 +241,31 @@ def combine_tensor(
             )
         flat_out[part] = values
     return out
+
+
+def tied_names(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """Each tensor that is the same view of the same storage as an earlier one (tied weights),
+    mapped to that earlier name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, tensor in state.items():
+        key = storage_key(tensor)
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
+def check_ties(tied: Mapping[str, str], other: Callable[[str], Tensor]) -> None:
+    """Tensors tied in the base are computed once: the other model must hold equal values under
+    both names, or one of its values would be silently dropped."""
+    for name, first in tied.items():
+        if not torch.equal(other(name), other(first)):
+            raise ValueError(
+                f"{first!r} and {name!r} are tied (one storage) in base but differ in the other "
+                "model: tie them there too, or untie them in base (clone one) first"
+            )
 
 
 def storage_key(tensor: Tensor) -> tuple:
