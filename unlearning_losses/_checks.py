@@ -55,7 +55,20 @@ def check_labels(
             f"got {_shape(labels)}"
         )
     check_same_device(labels, logits, name, ref_name)
-    return labels
+    # Compared as int64 whatever the storage type, so that -100 never wraps (uint8) and every
+    # comparison is defined (uint16): a copy of B x T integers, never of the logits.
+    return autograd_constant(labels.to(torch.int64, copy=torch.compiler.is_compiling()))
+
+
+def autograd_constant(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or for a tensor made under ``torch.inference_mode()`` an alias of its
+    memory (no copy) that autograd may save for the backward, as for any other constant."""
+    if torch.compiler.is_compiling() or not tensor.is_inference():
+        return tensor
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride()
+    )
 
 
 def check_label_range(
@@ -88,7 +101,8 @@ def check_same_device(
 
 
 def check_like(tensor: object, reference: Tensor, name: str, ref_name: str = "logits") -> Tensor:
-    """``tensor`` must match ``reference`` in shape, dtype and device."""
+    """``tensor`` must match ``reference`` in shape, dtype and device; returned usable as an
+    autograd constant."""
     tensor = check_tensor(tensor, name)
     if _shape(tensor) != _shape(reference):
         raise ValueError(
@@ -99,7 +113,7 @@ def check_like(tensor: object, reference: Tensor, name: str, ref_name: str = "lo
             f"{name} must have dtype {reference.dtype} to match {ref_name}; got {tensor.dtype}"
         )
     check_same_device(tensor, reference, name, ref_name)
-    return tensor
+    return autograd_constant(tensor)
 
 
 def check_token_values(
@@ -115,7 +129,7 @@ def check_token_values(
             f"{_shape(reference)}); got {_shape(values)}"
         )
     check_same_device(values, reference, name)
-    return values
+    return autograd_constant(values)
 
 
 def check_choice(value: object, choices: Sequence[str], name: str) -> str:
@@ -159,6 +173,11 @@ def check_num_items(
             )
         if num_items.is_complex() or num_items.dtype == torch.bool:
             raise TypeError(f"{name} must be numeric; got {num_items.dtype}")
+        if num_items.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Reading a CPU tensor costs no device sync; CUDA counts are taken as they are.
+            count = num_items.item()
+            if count < 0 or count != int(count):
+                raise ValueError(f"{name} must be a count (an integer >= 0); got {count}")
         return num_items.to(reference.device)
     if isinstance(num_items, bool) or not isinstance(num_items, int):
         raise TypeError(f"{name} must be an int or a 0-d tensor; got {type(num_items).__name__}")
@@ -175,6 +194,12 @@ def check_mean_count(
     if count is not None and reduction != "mean":
         raise ValueError(f'{name} applies to reduction="mean" only; got reduction={reduction!r}')
     return count
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
+    return value
 
 
 def check_int(value: object, name: str) -> int:

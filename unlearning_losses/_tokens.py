@@ -84,6 +84,8 @@ def align(
     positions are split over that group. DTensor logits bring their groups in their placements
     (SPEC §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without that path).
     """
+    _checks.check_bool(shift, "shift")
+    _checks.check_bool(validate, "validate")
     logits, split = _local_logits(logits, name, vocab_group, sequence_group, vocab_parallel)
     flat = logits.dim() == 2
     if split.sharding.sequence_group is not None and shift and not flat:

@@ -76,6 +76,7 @@ def _local_counts(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
     if labels.dim() not in (1, 2):
         raise ValueError(f"labels must have shape (B, T) or (N,); got {tuple(labels.shape)}")
+    labels = labels.to(torch.int64)  # -100 must not wrap in narrow or unsigned types
     if labels.dim() == 1:  # aligned, as the losses treat 2-D logits
         labels = labels.unsqueeze(0)
     elif shift:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from .sharding import LOCAL, Sharding
@@ -52,9 +53,14 @@ def sequence_sums(
     values: Tensor, valid: Tensor, sharding: Sharding = LOCAL
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of valid values and per-sequence valid counts, both ``(B,)``, over the
-    whole of each sequence (its slices on every rank of the sequence group)."""
-    sums = values.masked_fill(~valid, 0.0).sum(-1)
-    return sharding.sequence_parts(sums), sharding.sequence_parts(valid.sum(-1))
+    whole of each sequence (its slices on every rank of the sequence group).
+
+    A sum beyond the dtype's range (log-probs of logits spanning more than it) is held at its
+    finite extreme, so differences of sums (DPO) stay finite; NaN stays NaN.
+    """
+    sums = sharding.sequence_parts(values.masked_fill(~valid, 0.0).sum(-1))
+    limit = torch.finfo(sums.dtype).max
+    return sums.clamp(-limit, limit), sharding.sequence_parts(valid.sum(-1))
 
 
 def sequence_reduce(

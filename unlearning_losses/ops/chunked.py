@@ -100,6 +100,19 @@ def log_ratio(first: Tensor, second: Tensor) -> Tensor:
     return first.clamp_min_(floor).sub_(second.clamp_min_(floor))
 
 
+def floored_logprob(logprob: Tensor, lse: Tensor) -> Tensor:
+    """A label's log-probability (``label logit - log-sum-exp``) as the losses take it.
+
+    Floored at the dtype's lowest finite value: finite logits that span more than the float32
+    range (``3e38`` and ``-3e38`` in one row), or a label whose logit is masked to ``-inf``, give a
+    finite value where the difference overflows, so weights and log-ratios downstream stay finite
+    (``0 * -inf`` would be NaN). A row with a ``+inf`` logit is non-finite input and gives NaN, on
+    every backend; NaN stays NaN. The gradient is unaffected (it is formed from the logits).
+    """
+    floored = logprob.clamp_min(torch.finfo(logprob.dtype).min)
+    return torch.where(lse == float("inf"), float("nan"), floored)
+
+
 def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) over rows ``[:, :L]`` and their log-sum-exp, both ``(B, L)``.
 
@@ -114,7 +127,7 @@ def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Te
         chunk_lse = torch.logsumexp(x, dim=-1)
         picked = x.gather(-1, safe_targets[b, t, None]).squeeze(-1)
         lse[b, t] = chunk_lse
-        out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
+        out[b, t] = torch.where(valid[b, t], floored_logprob(picked - chunk_lse, chunk_lse), 0.0)
     return out, lse
 
 

@@ -19,6 +19,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .chunked import (
     CHUNK_BYTES,
     accumulation_dtype,
+    floored_logprob,
     log_ratio,
     row_chunks,
     row_groups,
@@ -157,7 +158,9 @@ class LinearLogprobs(torch.autograd.Function):
                 if directions is not None:
                     _label_gradient_(block, block_lse, label_logit - block_lse, index, 1.0)
             lse[b, t] = chunk_lse
-            out[b, t] = torch.where(valid[b, t], picked - chunk_lse, 0.0)
+            out[b, t] = torch.where(
+                valid[b, t], floored_logprob(picked - chunk_lse, chunk_lse), 0.0
+            )
             if directions is not None:
                 flat = z.view(-1, vocab).to(weight.dtype)
                 directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)

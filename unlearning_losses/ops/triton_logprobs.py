@@ -10,11 +10,13 @@ read and gives NaN.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import block_size, launch_rows, row_targets
+from .chunked import floored_logprob
 
 
 @triton.jit
@@ -125,7 +127,7 @@ def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Te
         *logits.stride(),
         BLOCK_V=block_size(logits.shape[-1]),
     )
-    return out, lse
+    return torch.where(valid, floored_logprob(out, lse), out), lse
 
 
 def logprobs_backward(

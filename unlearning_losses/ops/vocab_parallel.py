@@ -17,7 +17,14 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..sharding import VocabShard
-from .chunked import accumulation_dtype, log_ratio, row_chunks, row_groups, zero_outside
+from .chunked import (
+    accumulation_dtype,
+    floored_logprob,
+    log_ratio,
+    row_chunks,
+    row_groups,
+    zero_outside,
+)
 
 
 def _global_lse(local_lse: Tensor, group: object, extra: Tensor | None = None):
@@ -56,7 +63,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
             label_logit[b, t] = torch.where(in_shard[b, t], picked, 0.0)
         lse, label_logit = _global_lse(local_lse[None], vocab.group, label_logit)
         lse = lse[0]
-        out = torch.where(valid, label_logit - lse, 0.0)
+        out = torch.where(valid, floored_logprob(label_logit - lse, lse), 0.0)
         ctx.save_for_backward(logits, local_targets, in_shard, valid, lse)
         ctx.groups = groups
         return out

@@ -1,0 +1,194 @@
+"""Inputs a careful user (or a hostile one) passes to the losses: labels of every integer dtype,
+references made under ``torch.inference_mode()``, logits that span more than the float32 range,
+and counts and flags of the wrong kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unlearning_losses as ul
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _losses(labels, ref_logits, ref_logprobs, backend):
+    """Every loss of logits, as a function of the model's logits."""
+    kw = {"backend": backend}
+    return {
+        "token_logprobs": lambda x: ul.token_logprobs(x, labels, **kw),
+        "ga": lambda x: ul.ga_loss(x, labels, **kw),
+        "nll": lambda x: ul.nll_loss(x, labels, **kw),
+        "idk": lambda x: ul.idk_loss(x, labels, **kw),
+        "npo_ref_logprobs": lambda x: ul.npo_loss(x, labels, ref_logprobs=ref_logprobs, **kw),
+        "npo_ref_logits": lambda x: ul.npo_loss(x, labels, ref_logits=ref_logits, **kw),
+        "simnpo": lambda x: ul.simnpo_loss(x, labels, **kw),
+        "kl": lambda x: ul.kl_divergence(x, ref_logits, labels, **kw),
+        "kl_all_positions": lambda x: ul.kl_divergence(x, ref_logits, **kw),
+        "kl_loss_reverse": lambda x: ul.kl_loss(x, ref_logits, labels, direction="reverse", **kw),
+        "dpo": lambda x: ul.dpo_loss(
+            x,
+            labels,
+            0.5 * x,
+            labels,
+            ref_chosen_logits=ref_logits,
+            ref_rejected_logprobs=ref_logprobs,
+            **kw,
+        ),
+        "wga": lambda x: ul.wga_loss(x, labels, **kw),
+        "satimp": lambda x: ul.satimp_loss(x, labels, **kw),
+        "tnpo": lambda x: ul.tnpo_loss(x, labels, ref_logits=ref_logits, **kw),
+        "undial": lambda x: ul.undial_loss(x, ref_logits, labels, **kw),
+        "ceu": lambda x: ul.ceu_loss(x, labels, **kw),
+    }
+
+
+def _inputs(vocab: int = 256):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, vocab, generator=g)
+    ref_logits = logits + torch.randn(2, 7, vocab, generator=g)
+    labels = torch.randint(0, vocab, (2, 7), generator=g)
+    labels[0, :3] = -100
+    labels[1, 2] = 156  # -100 stored as uint8 is 156: this label must still count
+    return logits, ref_logits, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16])
+def test_every_integer_label_dtype_equals_int64_to_the_bit(dtype, backend):
+    logits, ref_logits, labels = _inputs()
+    if dtype == torch.int8:
+        labels = torch.where(labels > 127, labels % 128, labels)
+    ref_logprobs = ul.token_logprobs(ref_logits, labels)
+    narrow = labels.to(dtype) if dtype.is_signed else torch.where(labels < 0, 0, labels).to(dtype)
+    wide = narrow.to(torch.int64)  # what the narrow labels mean
+    expected = _losses(wide, ref_logits, ref_logprobs, backend)
+    for name, fn in _losses(narrow, ref_logits, ref_logprobs, backend).items():
+        x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        got, want = fn(x), expected[name](y)
+        assert torch.equal(got, want), name
+        got.sum().backward()
+        want.sum().backward()
+        assert torch.equal(x.grad, y.grad), name
+    assert ul.global_counts(narrow) == ul.global_counts(wide)
+    hidden = torch.randn(2, 7, 4)
+    assert torch.equal(
+        ul.rmu_loss(
+            hidden, hidden, hidden, torch.ones(4), forget_labels=narrow, retain_labels=narrow
+        ),
+        ul.rmu_loss(hidden, hidden, hidden, torch.ones(4), forget_labels=wide, retain_labels=wide),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_bool_and_float_labels_are_a_type_error(dtype):
+    logits, _, labels = _inputs()
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        ul.ga_loss(logits, labels.clamp(min=0).to(dtype))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_references_and_labels_from_inference_mode_work_as_constants(backend, compiled):
+    logits, ref_logits, labels = _inputs(vocab=31)
+    labels = labels.clamp(max=30)
+    with torch.inference_mode():
+        frozen_ref = ref_logits.clone()
+        frozen_labels = labels.clone()
+        frozen_ref_logprobs = ul.token_logprobs(frozen_ref, frozen_labels)
+    assert frozen_ref.is_inference() and frozen_labels.is_inference()
+    ref_logprobs = ul.token_logprobs(ref_logits, labels)
+    expected = _losses(labels, ref_logits, ref_logprobs, backend)
+    table = _losses(frozen_labels, frozen_ref, frozen_ref_logprobs, backend)
+    # Compiled, a reference the backward must read (KL, UNDIAL) cannot come from inference mode:
+    # the compiled graph saves its inputs itself (PyTorch's compiled F.kl_div fails alike).
+    names = ["ga", "npo_ref_logits", "npo_ref_logprobs", "tnpo"] if compiled else list(table)
+    for name in names:
+        fn = (
+            torch.compile(table[name], backend="aot_eager", fullgraph=True)
+            if compiled
+            else table[name]
+        )
+        x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        got, want = fn(x), expected[name](y)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(x.grad, y.grad, msg=name)
+
+
+def _spanning_logits(dtype=torch.float32):
+    """Finite logits from -3e38 to 3e38 in every row: their differences overflow float32."""
+    x = torch.zeros(1, 4, 5, dtype=dtype)
+    x[0, :, 0], x[0, :, 1] = 3e38, -3e38
+    return x, torch.tensor([[0, 1, 1, 2]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_spanning_the_float32_range_give_no_nan(backend):
+    x, y = _spanning_logits()
+    zeros = torch.zeros_like(x)
+    cases = {
+        "wga": lambda x: ul.wga_loss(x, y, backend=backend),
+        "satimp": lambda x: ul.satimp_loss(x, y, backend=backend),
+        "npo_ref_logits": lambda x: ul.npo_loss(x, y, ref_logits=0.5 * x.detach(), backend=backend),
+        "tnpo": lambda x: ul.tnpo_loss(x, y, ref_logits=zeros.to(x.dtype), backend=backend),
+    }
+    for name, fn in cases.items():
+        logits = x.clone().requires_grad_()
+        value = fn(logits)
+        value.backward()
+        expected = fn(x.double())  # float64 holds every intermediate
+        torch.testing.assert_close(value.double(), expected, msg=name)
+        assert torch.isfinite(logits.grad).all(), name
+    # DPO sums two sequences' log-ratios beyond the float32 range: no float32 computation holds
+    # them, but they stay finite (held at the range's extremes) instead of -inf - -inf = NaN.
+    logits = x.clone().requires_grad_()
+    value = ul.dpo_loss(
+        logits,
+        y,
+        0.5 * logits,
+        y,
+        ref_chosen_logits=zeros,
+        ref_rejected_logits=zeros,
+        backend=backend,
+    )
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_positive_infinite_logit_gives_nan_on_every_backend(backend):
+    x, y = _spanning_logits()
+    x[0, :, 3] = float("inf")
+    assert torch.isnan(ul.token_logprobs(x, y, backend=backend)).all()
+    assert torch.isnan(ul.ga_loss(x, y, backend=backend))
+
+
+@pytest.mark.parametrize(
+    "count, message",
+    [
+        (torch.tensor(-4), r"num_items_in_batch must be a count .* got -4"),
+        (torch.tensor(0.5), r"num_items_in_batch must be a count .* got 0.5"),
+    ],
+)
+def test_tensor_counts_are_checked_on_the_cpu(count, message):
+    logits, _, labels = _inputs()
+    with pytest.raises(ValueError, match=message):
+        ul.ga_loss(logits, labels, num_items_in_batch=count)
+    with pytest.raises(ValueError, match=message.replace("num_items_in_batch", "num_sequences")):
+        ul.simnpo_loss(logits, labels, num_sequences=count)
+
+
+def test_groups_and_flags_of_the_wrong_type_are_named():
+    logits, _, labels = _inputs()
+    with pytest.raises(TypeError, match=r"vocab_group must be a torch.distributed ProcessGroup"):
+        ul.ga_loss(logits, labels, vocab_group="tp")
+    with pytest.raises(TypeError, match=r"sequence_group must be a torch.distributed ProcessGroup"):
+        ul.npo_loss(logits, labels, ref_logits=logits, shift=False, sequence_group="cp")
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed ProcessGroup"):
+        ul.global_counts(labels, group="dp")
+    with pytest.raises(TypeError, match=r"shift must be True or False; got int"):
+        ul.ga_loss(logits, labels, shift=1)
+    with pytest.raises(TypeError, match=r"validate must be True or False; got str"):
+        ul.ga_loss(logits, labels, validate="yes")
