@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import reference as ref
 import torch
-from cases import cases
-from helpers import assert_matches_reference, value_and_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,44 +19,52 @@ from unlearning_losses import (
     simnpo_loss,
     token_logprobs,
 )
+from unlearning_losses.testing import reference as ref
+from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
+from unlearning_losses.testing.strategies import batches
 
 GRANULARITIES = ["sequence", "sequence_mean", "token", "batch"]
 
 
-@given(cases())
+@given(batches())
 def test_ga_and_nll_match_reference(case):
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: ga_loss(x, case.labels, shift=case.shift),
-        lambda x: ref.ga(x, case.labels, case.shift),
-    )
-    assert_matches_reference(
+        lambda x: ref.ga_loss(x, case.labels, shift=case.shift),
         case,
+    )
+    assert_close_to_reference(
         lambda x: nll_loss(x, case.labels, shift=case.shift),
-        lambda x: ref.nll(x, case.labels, case.shift),
+        lambda x: ref.nll_loss(x, case.labels, shift=case.shift),
+        case,
     )
 
 
-@given(cases(), st.sampled_from(["forward", "reverse"]), st.booleans())
+@given(batches(), st.sampled_from(["forward", "reverse"]), st.booleans())
 def test_kl_losses_match_reference(case, direction, with_labels):
     labels = case.labels if with_labels else None
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: kl_divergence(x, case.ref_logits, labels, direction=direction, shift=case.shift),
-        lambda x: ref.kl_divergence(x, case.ref_logits.double(), labels, direction, case.shift),
-    )
-    assert_matches_reference(
+        lambda x: ref.kl_divergence(
+            x, case.ref_logits.double(), labels, direction=direction, shift=case.shift
+        ),
         case,
+    )
+    assert_close_to_reference(
         lambda x: kl_loss(x, case.ref_logits, labels, direction=direction, shift=case.shift),
-        lambda x: -ref.kl_divergence(x, case.ref_logits.double(), labels, direction, case.shift),
+        lambda x: (
+            -ref.kl_divergence(
+                x, case.ref_logits.double(), labels, direction=direction, shift=case.shift
+            )
+        ),
+        case,
     )
 
 
-@given(cases(), st.sampled_from(GRANULARITIES), st.sampled_from([0.05, 0.1, 1.0, 4.0]))
+@given(batches(), st.sampled_from(GRANULARITIES), st.sampled_from([0.05, 0.1, 1.0, 4.0]))
 def test_npo_matches_reference(case, granularity, beta):
     ref_logprobs = ref.token_logprobs(case.ref_logits, case.labels, case.shift)
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: npo_loss(
             x,
             case.labels,
@@ -68,11 +73,19 @@ def test_npo_matches_reference(case, granularity, beta):
             granularity=granularity,
             shift=case.shift,
         ),
-        lambda x: ref.npo(x, case.labels, ref_logprobs, beta, granularity, case.shift),
+        lambda x: ref.npo_loss(
+            x,
+            case.labels,
+            ref_logprobs=ref_logprobs,
+            beta=beta,
+            granularity=granularity,
+            shift=case.shift,
+        ),
+        case,
     )
 
 
-@given(cases(dtypes=[torch.float64, torch.float32]), st.sampled_from(GRANULARITIES))
+@given(batches(dtypes=[torch.float64, torch.float32]), st.sampled_from(GRANULARITIES))
 def test_npo_from_cached_ref_logprobs_equals_npo_from_ref_logits(case, granularity):
     cached = token_logprobs(case.ref_logits, case.labels, shift=case.shift)
     from_cache = npo_loss(
@@ -88,12 +101,12 @@ def test_npo_from_cached_ref_logprobs_equals_npo_from_ref_logits(case, granulari
     torch.testing.assert_close(from_cache, from_logits)
 
 
-@given(cases(), st.sampled_from([0.5, 4.5]), st.sampled_from([0.0, 1.5]))
+@given(batches(), st.sampled_from([0.5, 4.5]), st.sampled_from([0.0, 1.5]))
 def test_simnpo_matches_reference(case, beta, delta):
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: simnpo_loss(x, case.labels, beta=beta, delta=delta, shift=case.shift),
-        lambda x: ref.simnpo(x, case.labels, beta, delta, case.shift),
+        lambda x: ref.simnpo_loss(x, case.labels, beta=beta, delta=delta, shift=case.shift),
+        case,
     )
 
 
@@ -106,7 +119,7 @@ def _all_losses(logits, labels, ref_logits, shift, reduction="mean"):
     }
 
 
-@given(cases(three_d=True, dtypes=[torch.float64]))
+@given(batches(three_d=True, dtypes=[torch.float64]))
 def test_masking_a_position_equals_dropping_it(case):
     """Ignoring the last label of each sequence equals cutting that position off entirely."""
     labels = case.labels.clone()
@@ -122,7 +135,7 @@ def test_masking_a_position_equals_dropping_it(case):
         torch.testing.assert_close(masked[name], dropped[name], msg=name)
 
 
-@given(cases(dtypes=[torch.float64, torch.float32]))
+@given(batches(dtypes=[torch.float64, torch.float32]))
 def test_sum_equals_mean_times_count(case):
     count = ref.valid_mask(case.labels, case.logits, case.shift).sum()
     for fn in (ga_loss, nll_loss):
@@ -141,7 +154,7 @@ def test_sum_equals_mean_times_count(case):
         torch.testing.assert_close(total, mean * sequences)
 
 
-@given(cases(dtypes=[torch.float64, torch.float32]))
+@given(batches(dtypes=[torch.float64, torch.float32]))
 def test_reduction_none_sums_to_reduction_sum(case):
     for name, per_item in _all_losses(
         case.logits, case.labels, case.ref_logits, case.shift, "none"
@@ -150,7 +163,7 @@ def test_reduction_none_sums_to_reduction_sum(case):
         torch.testing.assert_close(per_item.sum(), total, msg=name)
 
 
-@given(cases(three_d=True, dtypes=[torch.float64]))
+@given(batches(three_d=True, dtypes=[torch.float64]))
 def test_npo_gradient_at_the_reference_is_the_sequence_loglikelihood_gradient(case):
     """At theta = reference, sigma(0) = 1/2, so grad NPO = grad of mean_i sum_t log p."""
     x = case.logits.detach().clone().requires_grad_(True)
@@ -162,7 +175,7 @@ def test_npo_gradient_at_the_reference_is_the_sequence_loglikelihood_gradient(ca
     torch.testing.assert_close(x.grad, y.grad)
 
 
-@given(cases(three_d=True, dtypes=[torch.float64]))
+@given(batches(three_d=True, dtypes=[torch.float64]))
 def test_npo_tends_to_mean_log_ratio_as_beta_vanishes(case):
     beta = 1e-6
     loss = npo_loss(
@@ -187,7 +200,7 @@ TOKEN_MEAN_LOSSES = {
 
 
 @given(
-    cases(three_d=True, dtypes=[torch.float64, torch.float32]),
+    batches(three_d=True, dtypes=[torch.float64, torch.float32]),
     st.sampled_from(sorted(TOKEN_MEAN_LOSSES)),
 )
 def test_num_items_in_batch_halves_add_up_to_the_full_batch(case, name):

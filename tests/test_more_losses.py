@@ -4,10 +4,7 @@ reference, and the properties their math implies."""
 from __future__ import annotations
 
 import pytest
-import reference as ref
 import torch
-from cases import cases
-from helpers import assert_matches_reference, value_and_grad
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -29,58 +26,61 @@ from unlearning_losses import (
     undial_loss,
     wga_loss,
 )
+from unlearning_losses.testing import reference as ref
+from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
+from unlearning_losses.testing.strategies import batches
 
 BETAS = st.sampled_from([0.0, 0.5, 1.0, 3.0])
 
 
-@given(cases(), BETAS)
+@given(batches(), BETAS)
 def test_wga_matches_reference(case, beta):
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: wga_loss(x, case.labels, beta=beta, shift=case.shift),
-        lambda x: ref.wga(x, case.labels, beta, case.shift),
-    )
-
-
-@given(cases(), BETAS, BETAS)
-def test_satimp_matches_reference(case, beta1, beta2):
-    assert_matches_reference(
+        lambda x: ref.wga_loss(x, case.labels, beta=beta, shift=case.shift),
         case,
-        lambda x: satimp_loss(x, case.labels, beta1=beta1, beta2=beta2, shift=case.shift),
-        lambda x: ref.satimp(x, case.labels, beta1, beta2, case.shift),
     )
 
 
-@given(cases(), st.sampled_from([0.1, 1.0, 5.0]))
+@given(batches(), BETAS, BETAS)
+def test_satimp_matches_reference(case, beta1, beta2):
+    assert_close_to_reference(
+        lambda x: satimp_loss(x, case.labels, beta1=beta1, beta2=beta2, shift=case.shift),
+        lambda x: ref.satimp_loss(x, case.labels, beta1=beta1, beta2=beta2, shift=case.shift),
+        case,
+    )
+
+
+@given(batches(), st.sampled_from([0.1, 1.0, 5.0]))
 def test_tnpo_matches_reference(case, beta):
     cached = token_logprobs(case.ref_logits, case.labels, shift=case.shift)
     # d(w l)/dl = w + l w' grows with |l| (w depends on l - r): at |l| ~ 1e4 the value is that
     # much more sensitive to the float32 rounding of l than the other losses (the sum bounds the
     # largest |l|, and is 0 for an empty selection).
     magnitude = ref.token_logprobs(case.logits, case.labels, case.shift).abs().sum().item()
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: tnpo_loss(x, case.labels, ref_logprobs=cached, beta=beta, shift=case.shift),
-        lambda x: ref.tnpo(x, case.labels, cached, beta, case.shift),
+        lambda x: ref.tnpo_loss(x, case.labels, ref_logprobs=cached, beta=beta, shift=case.shift),
+        case,
         sensitivity=1.0 + beta * magnitude / 2,
     )
 
 
-@given(cases())
+@given(batches())
 def test_idk_is_the_nll_of_the_refusal(case):
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: idk_loss(x, case.labels, shift=case.shift),
-        lambda x: ref.nll(x, case.labels, case.shift),
+        lambda x: ref.nll_loss(x, case.labels, shift=case.shift),
+        case,
     )
 
 
-@given(cases(), st.sampled_from([0.0, 1.0, 10.0]))
+@given(batches(), st.sampled_from([0.0, 1.0, 10.0]))
 def test_undial_matches_reference(case, beta):
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: undial_loss(x, case.ref_logits, case.labels, beta=beta, shift=case.shift),
-        lambda x: ref.undial(x, case.ref_logits, case.labels, beta, case.shift),
+        lambda x: ref.undial_loss(x, case.ref_logits, case.labels, beta=beta, shift=case.shift),
+        case,
     )
 
 
@@ -90,25 +90,25 @@ def _every_scored_row_keeps_two_entries(case) -> bool:
     return bool((torch.isfinite(x.double()).sum(-1)[valid] >= 2).all())
 
 
-@given(cases(min_vocab=2))
+@given(batches(min_vocab=2))
 def test_ceu_matches_reference(case):
     assume(_every_scored_row_keeps_two_entries(case))
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: ceu_loss(x, case.labels, shift=case.shift),
-        lambda x: ref.ceu(x, case.labels, case.shift),
+        lambda x: ref.ceu_loss(x, case.labels, shift=case.shift),
+        case,
     )
 
 
 @st.composite
 def pairs(draw):
     """A chosen and a rejected batch with the same number of sequences."""
-    rejected = draw(cases(three_d=True, dtypes=[torch.float64, torch.float32, torch.bfloat16]))
+    rejected = draw(batches(three_d=True, dtypes=[torch.float64, torch.float32, torch.bfloat16]))
     # The chosen side is a constant of the comparison: its logits stay moderate so that its own
     # float32 rounding (eps * |z|) stays below the tolerance, which the helper sets from the
     # rejected side's logits.
     chosen = draw(
-        cases(
+        batches(
             three_d=True,
             dtypes=[rejected.dtype],
             batch=rejected.labels.shape[0],
@@ -138,21 +138,21 @@ def test_dpo_matches_reference(pair, beta):
         )
 
     def reference(x):
-        return ref.dpo(
+        return ref.dpo_loss(
             chosen.logits.double(),
             chosen.labels,
             x,
             rejected.labels,
-            ref_chosen,
-            ref_rejected,
-            beta,
-            chosen.shift,
+            ref_chosen_logprobs=ref_chosen,
+            ref_rejected_logprobs=ref_rejected,
+            beta=beta,
+            shift=chosen.shift,
         )
 
-    assert_matches_reference(rejected, ours, reference)
+    assert_close_to_reference(ours, reference, rejected)
 
 
-@given(cases(three_d=True, dtypes=[torch.float64]), st.sampled_from([0.1, 1.0]))
+@given(batches(three_d=True, dtypes=[torch.float64]), st.sampled_from([0.1, 1.0]))
 def test_dpo_without_a_chosen_answer_is_scaled_npo(case, beta):
     """All chosen labels ignored: -log sigmoid(-beta D) = softplus(beta D) = beta/2 NPO."""
     ignored = torch.full_like(case.labels, -100)
@@ -172,7 +172,7 @@ def test_dpo_without_a_chosen_answer_is_scaled_npo(case, beta):
     torch.testing.assert_close(dpo, npo * beta / 2)
 
 
-@given(cases(dtypes=[torch.float64]))
+@given(batches(dtypes=[torch.float64]))
 def test_zero_exponents_give_gradient_ascent(case):
     plain = ga_loss(case.logits, case.labels, shift=case.shift)
     torch.testing.assert_close(
@@ -183,7 +183,7 @@ def test_zero_exponents_give_gradient_ascent(case):
     )
 
 
-@given(cases(dtypes=[torch.float64]), st.sampled_from([0.1, 2.0]))
+@given(batches(dtypes=[torch.float64]), st.sampled_from([0.1, 2.0]))
 def test_tnpo_has_the_gradient_of_token_npo(case, beta):
     _, tnpo_grad = value_and_grad(
         lambda x: tnpo_loss(
@@ -207,7 +207,7 @@ def test_tnpo_has_the_gradient_of_token_npo(case, beta):
     torch.testing.assert_close(tnpo_grad, npo_grad)
 
 
-@given(cases(dtypes=[torch.float64]))
+@given(batches(dtypes=[torch.float64]))
 def test_undial_without_lowering_has_the_gradient_of_reverse_kl(case):
     """beta = 0: the target is the reference, and CE(q, p) = KL(q || p) + H(q)."""
     _, undial_grad = value_and_grad(
@@ -225,7 +225,7 @@ def test_undial_without_lowering_has_the_gradient_of_reverse_kl(case):
     torch.testing.assert_close(undial_grad, kl_grad)
 
 
-@given(cases(min_vocab=2, dtypes=[torch.float64]), st.sampled_from([0.0, 10.0]))
+@given(batches(min_vocab=2, dtypes=[torch.float64]), st.sampled_from([0.0, 10.0]))
 def test_soft_target_gradients_sum_to_zero_per_row(case, beta):
     """d/dz of CE(q, p) is p - q: it sums to 0 over the vocabulary, and is >= 0 at the label
     for UNDIAL and CE-U alike (the label's target mass only shrinks)."""
@@ -264,7 +264,7 @@ def test_rmu_matches_reference(seed, dtype):
         retain_labels=retain_labels,
         alpha=3.0,
     )
-    expected = ref.rmu(
+    expected = ref.rmu_loss(
         forget, retain, ref_retain, control, forget_labels != -100, retain_labels != -100, 3.0
     )
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -286,7 +286,7 @@ def test_rmu_matches_reference(seed, dtype):
         args = dict(forget=forget, retain=retain)
         args[name] = xr
         valid = (forget_labels if name == "forget" else retain_labels) != -100
-        ref.rmu(
+        ref.rmu_loss(
             args["forget"],
             args["retain"],
             ref_retain,
@@ -345,7 +345,7 @@ def _token_losses(counts):
     }
 
 
-@given(cases(three_d=True, min_vocab=2, dtypes=[torch.float64]))
+@given(batches(three_d=True, min_vocab=2, dtypes=[torch.float64]))
 def test_split_batches_with_global_counts_add_up_to_the_full_batch(case):
     assume(case.labels.shape[0] >= 2 and case.shift)
     assume(_every_scored_row_keeps_two_entries(case))

@@ -4,15 +4,15 @@ reference and against the chunked path."""
 from __future__ import annotations
 
 import pytest
-import reference as ref
 import torch
-from cases import cases
-from helpers import assert_matches_reference, value_and_grad
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from unlearning_losses import ceu_loss, kl_divergence, token_logprobs, undial_loss
 from unlearning_losses.ops import _triton_common
+from unlearning_losses.testing import reference as ref
+from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
+from unlearning_losses.testing.strategies import batches
 
 pytestmark = pytest.mark.triton
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,28 +32,28 @@ def _on_device(case):
 
 
 @settings(max_examples=15)
-@given(cases(dtypes=LOW_PRECISION))
+@given(batches(dtypes=LOW_PRECISION))
 def test_triton_logprobs_match_reference(case):
     case = _on_device(case)
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: token_logprobs(x, case.labels, shift=case.shift, backend="triton"),
         lambda x: ref.token_logprobs(x, case.labels, case.shift),
+        case,
     )
 
 
 @settings(max_examples=15)
-@given(cases(dtypes=LOW_PRECISION), st.sampled_from(["forward", "reverse"]))
+@given(batches(dtypes=LOW_PRECISION), st.sampled_from(["forward", "reverse"]))
 def test_triton_kl_matches_reference(case, direction):
     case = _on_device(case)
-    assert_matches_reference(
-        case,
+    assert_close_to_reference(
         lambda x: kl_divergence(
             x, case.ref_logits, case.labels, direction=direction, shift=case.shift, backend="triton"
         ),
         lambda x: ref.kl_divergence(
-            x, case.ref_logits.double(), case.labels, direction, case.shift
+            x, case.ref_logits.double(), case.labels, direction=direction, shift=case.shift
         ),
+        case,
     )
 
 
@@ -166,7 +166,7 @@ def _scored_rows_keep_two_entries(case) -> bool:
 
 
 @settings(max_examples=15)
-@given(cases(dtypes=LOW_PRECISION, min_vocab=2), st.sampled_from([0.0, 3.0, "ceu"]))
+@given(batches(dtypes=LOW_PRECISION, min_vocab=2), st.sampled_from([0.0, 3.0, "ceu"]))
 def test_triton_soft_targets_match_reference(case, beta):
     """UNDIAL (the reference's label logit lowered by beta) and CE-U (the label removed)."""
     assume(beta != "ceu" or _scored_rows_keep_two_entries(case))
@@ -181,10 +181,12 @@ def test_triton_soft_targets_match_reference(case, beta):
 
     def expected(x):
         if beta == "ceu":
-            return ref.ceu(x, case.labels, case.shift)
-        return ref.undial(x, case.ref_logits.double(), case.labels, beta, case.shift)
+            return ref.ceu_loss(x, case.labels, shift=case.shift)
+        return ref.undial_loss(
+            x, case.ref_logits.double(), case.labels, beta=beta, shift=case.shift
+        )
 
-    assert_matches_reference(case, ours, expected)
+    assert_close_to_reference(ours, expected, case)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)

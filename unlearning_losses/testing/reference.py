@@ -1,8 +1,10 @@
-"""Independent float64 reference math, written from the formulas; imports nothing from the package.
+"""Float64 reference math of every loss, written from the formulas; imports nothing from the package.
 
-Everything here runs in float64 torch so that autograd gives the reference gradients too. Inputs
-of any dtype are first converted to float64 (low-precision inputs are compared on their rounded
-values).
+Each function has the name and the arguments of the library's function it checks, where that
+makes sense (no backends, no chunking, no distributed options). Everything runs in float64 torch,
+one row at a time where that is clearest, so that autograd gives the reference gradients too.
+Inputs of any dtype are first converted to float64: low-precision inputs are compared on their
+rounded values. Slow on purpose: for tests on small inputs.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def token_mean(values: Tensor, valid: Tensor) -> Tensor:
     return values[valid].sum() / n if n else values.sum() * 0
 
 
-def ga(logits, labels, shift=True):
+def ga_loss(logits: Tensor, labels: Tensor, *, shift: bool = True) -> Tensor:
+    """Mean log-probability of the valid labels (gradient ascent, to minimize)."""
     return token_mean(token_logprobs(logits, labels, shift), valid_mask(labels, logits, shift))
 
 
-def nll(logits, labels, shift=True):
-    return -ga(logits, labels, shift)
+def nll_loss(logits: Tensor, labels: Tensor, *, shift: bool = True) -> Tensor:
+    return -ga_loss(logits, labels, shift=shift)
 
 
 def token_kl(logits: Tensor, ref_logits: Tensor, direction: str) -> Tensor:
@@ -65,12 +68,24 @@ def token_kl(logits: Tensor, ref_logits: Tensor, direction: str) -> Tensor:
     return terms.sum(-1)
 
 
-def kl_divergence(logits, ref_logits, labels=None, direction="forward", shift=True):
+def kl_divergence(
+    logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    direction: str = "forward",
+    shift: bool = True,
+) -> Tensor:
+    """Token mean of KL(P || Q) (``"forward"``) or KL(Q || P); every position without labels."""
     if labels is None:
         return token_kl(logits, ref_logits, direction).mean()
     x, _, valid, _ = align(logits, labels, shift)
     xr = align(ref_logits, labels, shift)[0]
     return token_mean(token_kl(x, xr, direction), valid)
+
+
+def kl_loss(logits: Tensor, ref_logits: Tensor, labels: Tensor | None = None, **options) -> Tensor:
+    return -kl_divergence(logits, ref_logits, labels, **options)
 
 
 def _sequences(logits, labels, shift):
@@ -81,7 +96,16 @@ def _sequences(logits, labels, shift):
     return lp, valid
 
 
-def npo(logits, labels, ref_logprobs, beta, granularity, shift=True):
+def npo_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ref_logprobs: Tensor,
+    beta: float = 0.1,
+    granularity: str = "sequence",
+    shift: bool = True,
+) -> Tensor:
+    """(2/β)·softplus(β·Δ), Δ the log-ratio to the reference at ``granularity``."""
     lp, valid = _sequences(logits, labels, shift)
     ref = ref_logprobs.double().reshape(lp.shape)
     ratio = torch.where(valid, lp - ref, torch.zeros_like(lp))
@@ -108,7 +132,10 @@ def softplus(x: Tensor) -> Tensor:
     return torch.where(x > 0, x + torch.log1p(torch.exp(-x.abs())), torch.log1p(torch.exp(x)))
 
 
-def simnpo(logits, labels, beta, delta, shift=True):
+def simnpo_loss(
+    logits: Tensor, labels: Tensor, *, beta: float = 4.5, delta: float = 0.0, shift: bool = True
+) -> Tensor:
+    """Mean over non-empty sequences of (2/β)·softplus(-β(mean NLL - δ))."""
     lp, valid = _sequences(logits, labels, shift)
     losses = []
     for i in range(lp.shape[0]):
@@ -124,34 +151,48 @@ def simnpo(logits, labels, beta, delta, shift=True):
 LOG2 = math.log(2.0)
 
 
-def weighted_ga(logits, labels, weight, shift=True):
+def weighted_ga(logits: Tensor, labels: Tensor, weight, shift: bool = True) -> Tensor:
     """Token mean of sg[weight(log p)] * log p."""
     lp = token_logprobs(logits, labels, shift)
     valid = valid_mask(labels, logits, shift)
     return token_mean(weight(lp.detach()) * lp, valid)
 
 
-def wga(logits, labels, beta, shift=True):
+def wga_loss(logits: Tensor, labels: Tensor, *, beta: float = 1.0, shift: bool = True) -> Tensor:
     return weighted_ga(logits, labels, lambda lp: lp.exp() ** beta, shift)
 
 
-def satimp(logits, labels, beta1, beta2, shift=True):
+def satimp_loss(
+    logits: Tensor, labels: Tensor, *, beta1: float = 5.0, beta2: float = 1.0, shift: bool = True
+) -> Tensor:
     return weighted_ga(
         logits, labels, lambda lp: lp.exp() ** beta1 * (1 - lp.exp()) ** beta2, shift
     )
 
 
-def tnpo(logits, labels, ref_logprobs, beta, shift=True):
+def tnpo_loss(
+    logits: Tensor, labels: Tensor, *, ref_logprobs: Tensor, beta: float = 0.1, shift: bool = True
+) -> Tensor:
     ref = ref_logprobs.double()
     return weighted_ga(logits, labels, lambda lp: 2 * torch.sigmoid(beta * (lp - ref)), shift)
 
 
-def dpo(chosen, chosen_labels, rejected, rejected_labels, ref_chosen, ref_rejected, beta, shift):
+def dpo_loss(
+    chosen: Tensor,
+    chosen_labels: Tensor,
+    rejected: Tensor,
+    rejected_labels: Tensor,
+    *,
+    ref_chosen_logprobs: Tensor,
+    ref_rejected_logprobs: Tensor,
+    beta: float = 0.1,
+    shift: bool = True,
+) -> Tensor:
     """Mean over pairs with a valid token on either side of -log sigmoid(beta (dw - dl))."""
     sides = []
     for logits, labels, ref_lp in (
-        (chosen, chosen_labels, ref_chosen),
-        (rejected, rejected_labels, ref_rejected),
+        (chosen, chosen_labels, ref_chosen_logprobs),
+        (rejected, rejected_labels, ref_rejected_logprobs),
     ):
         lp, valid = _sequences(logits, labels, shift)
         ratio = torch.where(valid, lp - ref_lp.double().reshape(lp.shape), torch.zeros_like(lp))
@@ -175,15 +216,25 @@ def soft_target_ce(logits, target_logits, labels, label_shift, shift=True):
     return token_mean(ce, valid)
 
 
-def undial(logits, ref_logits, labels, beta, shift=True):
+def undial_loss(
+    logits: Tensor, ref_logits: Tensor, labels: Tensor, *, beta: float = 10.0, shift: bool = True
+) -> Tensor:
     return soft_target_ce(logits, ref_logits, labels, beta, shift)
 
 
-def ceu(logits, labels, shift=True):
+def ceu_loss(logits: Tensor, labels: Tensor, *, shift: bool = True) -> Tensor:
     return soft_target_ce(logits, logits, labels, math.inf, shift)
 
 
-def rmu(forget, retain, ref_retain, control, forget_valid, retain_valid, alpha):
+def rmu_loss(
+    forget: Tensor,
+    retain: Tensor,
+    ref_retain: Tensor,
+    control: Tensor,
+    forget_valid: Tensor,
+    retain_valid: Tensor,
+    alpha: float,
+) -> Tensor:
     """Token means over valid positions of the per-position mean squared distance."""
 
     def distance(h, target, valid):
@@ -193,3 +244,15 @@ def rmu(forget, retain, ref_retain, control, forget_valid, retain_valid, alpha):
     return distance(forget, control, forget_valid) + alpha * distance(
         retain, ref_retain, retain_valid
     )
+
+
+def negate_task_vector(
+    base: dict[str, Tensor], finetuned: dict[str, Tensor], alpha: float
+) -> dict[str, Tensor]:
+    """θ_c − α(θ_* − θ_c) of every floating tensor in float64, rounded once; others copied."""
+    return {
+        name: (t.double() - alpha * (finetuned[name].double() - t.double())).to(t.dtype)
+        if t.is_floating_point()
+        else t.clone()
+        for name, t in base.items()
+    }
