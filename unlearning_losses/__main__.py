@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-from .demo import run as demo
+from . import __version__
+from .demo import arguments as demo_arguments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="unlearning-losses", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(
+    demo_arguments.add_arguments(
         commands.add_parser("demo", help="train a small model, unlearn, compare the methods")
     )
     vector = commands.add_parser(
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     vector.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        _require(parser, "demo", ("matplotlib", "tqdm"))
+        from .demo import run as demo
+
         demo.run(args)
     else:
         from .checkpoint import negate_task_vector_checkpoint
@@ -59,6 +65,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{parser.prog} task-vector: error: {error}", file=sys.stderr)
             sys.exit(2)
         print(f"wrote {args.out}: {report.summary()}")
+
+
+def _require(parser: argparse.ArgumentParser, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit with one line naming the install that brings what a command needs."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"{parser.prog} {extra}: needs {', '.join(missing)}: "
+            f'pip install "unlearning_losses[{extra}]"',
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

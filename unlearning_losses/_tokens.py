@@ -4,6 +4,7 @@ the inputs are spread over ranks (plain tensors with groups, or DTensors)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ class Tokens:
             return values
         return sharding.as_output(values, self.sharding, self.global_shape[:1])
 
-    def local(self, value: object, name: str, *, per_token: bool = False) -> object:
+    def local(self, value: Any, name: str, *, per_token: bool = False) -> Any:
         """This rank's piece of another input (``ref_logits``; ``per_token``: reference
         log-probs), checked against the logits' placements when it is a DTensor."""
         return sharding.local_like(value, self.sharding, name, per_token=per_token)
@@ -62,8 +63,8 @@ class Tokens:
 
 
 def align(
-    logits: object,
-    labels: object,
+    logits: Any,
+    labels: Any,
     *,
     ignore_index: int,
     shift: bool,
@@ -86,43 +87,45 @@ def align(
     """
     _checks.check_bool(shift, "shift")
     _checks.check_bool(validate, "validate")
-    logits, split = _local_logits(logits, name, vocab_group, sequence_group, vocab_parallel)
+    logits, split, global_shape = _local_logits(
+        logits, name, vocab_group, sequence_group, vocab_parallel
+    )
     flat = logits.dim() == 2
-    if split.sharding.sequence_group is not None and shift and not flat:
+    if split.sequence_group is not None and shift and not flat:
         raise ValueError(
             f"{name} split over a sequence group (context parallel) need labels already shifted "
             "(labels[:, t] scored by logits[:, t]) and shift=False: the shift cannot cross the "
             "ranks' slices"
         )
     labels = _checks.check_labels(
-        split.local(labels, labels_name, per_token=True), logits, labels_name, ref_name=name
+        sharding.local_like(labels, split, labels_name, per_token=True),
+        logits,
+        labels_name,
+        ref_name=name,
     )
     _checks.check_int(ignore_index, "ignore_index")
     _checks.check_choice(backend, BACKENDS, "backend")
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
-    if split.sharding.vocab is not None:
-        vocab = split.sharding.vocab.size
+    if split.vocab is not None:
+        vocab = split.vocab.size
     _checks.check_label_range(labels, vocab, ignore_index, validate, labels_name)
     if flat:
         logits, labels, shift = logits.unsqueeze(0), labels.unsqueeze(0), False
     targets = labels[:, 1:] if shift else labels
-    global_shape = split.global_shape
     if shift and global_shape:
         global_shape = (global_shape[0], global_shape[1] - 1)
-    return Tokens(
-        logits, targets.long(), targets != ignore_index, flat, split.sharding, global_shape, name
-    )
+    return Tokens(logits, targets, targets != ignore_index, flat, split, global_shape, name)
 
 
 def align_all_positions(
-    logits: object,
+    logits: Any,
     *,
     name: str = "logits",
     vocab_group: object = None,
     vocab_parallel: bool = True,
 ) -> Tokens:
     """Every position of ``logits`` counts (no labels, no shift)."""
-    logits, split = _local_logits(logits, name, vocab_group, None, vocab_parallel)
+    logits, split, global_shape = _local_logits(logits, name, vocab_group, None, vocab_parallel)
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)
@@ -132,32 +135,24 @@ def align_all_positions(
         torch.zeros(shape, dtype=torch.long, device=logits.device),
         torch.ones(shape, dtype=torch.bool, device=logits.device),
         flat,
-        split.sharding,
-        split.global_shape,
+        split,
+        global_shape,
         name,
     )
 
 
-@dataclass(frozen=True)
-class _Split:
-    sharding: Sharding
-    global_shape: tuple[int, ...]
-
-    def local(self, value: object, name: str, *, per_token: bool) -> object:
-        return sharding.local_like(value, self.sharding, name, per_token=per_token)
-
-
 def _local_logits(
-    logits: object,
+    logits: Any,
     name: str,
-    vocab_group: object,
-    sequence_group: object,
+    vocab_group: Any,
+    sequence_group: Any,
     vocab_parallel: bool,
-) -> tuple[Tensor, _Split]:
-    """Checked logits as this rank's local tensor, and how they are spread over ranks."""
+) -> tuple[Tensor, Sharding, tuple[int, ...]]:
+    """Checked logits as this rank's local tensor, how they are spread over ranks, and the
+    caller's per-token shape over all of them (DTensor logits; else empty)."""
     if not sharding.is_dtensor(logits):
         logits = _checks.check_logits(logits, name)
-        return logits, _Split(sharding.from_groups(logits, vocab_group, sequence_group), ())
+        return logits, sharding.from_groups(logits, vocab_group, sequence_group), ()
     _checks.check_logits(logits, name)
     if vocab_group is not None or sequence_group is not None:
         raise ValueError(
@@ -165,8 +160,5 @@ def _local_logits(
             f"sequence_group only with plain tensors (got {name} with placements "
             f"{tuple(logits.placements)})"
         )
-    split = _Split(
-        sharding.from_dtensor(logits, name, vocab_parallel=vocab_parallel),
-        tuple(logits.shape[:-1]),
-    )
-    return logits.to_local(), split
+    split = sharding.from_dtensor(logits, name, vocab_parallel=vocab_parallel)
+    return logits.to_local(), split, tuple(logits.shape[:-1])

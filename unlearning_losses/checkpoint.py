@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from tqdm import tqdm
 
 from . import _checks
+from ._progress import progress as progress_bar
 from .task_vector import check_headers, check_ties, combine_tensor, tied_names
 
 #: Names the safetensors header keeps for itself.
@@ -261,11 +261,11 @@ def negate_task_vector_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Report:
-    r"""Write :math:`\theta_c - \alpha(\theta_* - \theta_c)` from two checkpoint folders to ``out``.
+    r"""Write $\theta_c - \alpha(\theta_* - \theta_c)$ from two checkpoint folders to ``out``.
 
     Args:
-        base: folder of :math:`\theta_c`, the model to clean.
-        finetuned: folder of :math:`\theta_*`, that model fine-tuned further on the forget set.
+        base: folder of $\theta_c$, the model to clean.
+        finetuned: folder of $\theta_*$, that model fine-tuned further on the forget set.
         out: the folder to create (safetensors shards, index, the base's config and tokenizer).
         alpha: the step, finite (MUSE uses 5).
         max_shard_size: bytes of one output shard (``"5GB"``, ``"500MB"`` or an int).
@@ -355,7 +355,7 @@ def _write_shards(
     weight_map = {}
     count = len(plan.shards)
     total = sum(len(shard) for shard in plan.shards)
-    with tqdm(total=total, desc="task vector", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total, "task vector", "tensor", progress) as bar:
 
         def produce(name: str) -> Tensor:
             result = _negated(name, plan.base, plan.finetuned, alpha, plan.dtypes[name], report)

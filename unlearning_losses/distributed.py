@@ -62,9 +62,9 @@ def global_counts(
         raise ValueError(
             "labels must be a tensor or a non-empty list of tensors; got an empty list"
         )
-    counts = sum(
-        _local_counts(_checks.check_tensor(b, "labels"), ignore_index, shift) for b in batches
-    )
+    counts = torch.stack(
+        [_local_counts(_checks.check_tensor(b, "labels"), ignore_index, shift) for b in batches]
+    ).sum(0)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     return GlobalCounts(counts[0], counts[1])

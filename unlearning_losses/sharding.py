@@ -32,7 +32,7 @@ def is_dtensor(value: object) -> bool:
     return module is not None and isinstance(value, module.DTensor)
 
 
-def check_group(group: object, name: str) -> object:
+def check_group(group: object, name: str) -> Any:
     """``None`` or a ``torch.distributed`` process group."""
     if group is None:
         return None
@@ -102,7 +102,7 @@ def reduced_sum(value: Tensor, groups: tuple) -> Tensor:
     return value + (total - value.detach())
 
 
-def from_groups(logits: Tensor, vocab_group: object, sequence_group: object) -> Sharding:
+def from_groups(logits: Tensor, vocab_group: Any, sequence_group: Any) -> Sharding:
     """The sharding given by explicit groups: rank ``r`` of ``vocab_group`` holds the columns
     ``[r * V_local, (r + 1) * V_local)``."""
     vocab_group = check_group(vocab_group, "vocab_group")
@@ -170,7 +170,7 @@ def from_dtensor(logits: Any, name: str, *, vocab_parallel: bool = True) -> Shar
     )
 
 
-def whole(value: object, name: str) -> object:
+def whole(value: Any, name: str) -> Any:
     """A tensor every rank holds whole (an output head): a DTensor must be replicated."""
     if not is_dtensor(value):
         return value
@@ -192,7 +192,7 @@ def output_placements(sharding: Sharding, dims: int) -> tuple:
     from torch.distributed.tensor import Replicate, Shard
 
     assert sharding.placements is not None
-    out = []
+    out: list[Any] = []
     for placement in sharding.placements:
         if isinstance(placement, Shard) and placement.dim % sharding.logits_dim < dims:
             out.append(Shard(placement.dim % sharding.logits_dim))
@@ -201,7 +201,7 @@ def output_placements(sharding: Sharding, dims: int) -> tuple:
     return tuple(out)
 
 
-def local_like(value: object, sharding: Sharding, name: str, *, per_token: bool) -> object:
+def local_like(value: Any, sharding: Sharding, name: str, *, per_token: bool) -> Any:
     """The local piece of ``value``: a DTensor must sit on the logits' mesh with the placements
     that match them (the logits' own, or :func:`output_placements` for ``per_token`` inputs);
     a plain tensor is taken as this rank's piece already. Shapes are checked by the caller."""
@@ -233,6 +233,6 @@ def as_output(value: Tensor, sharding: Sharding, global_shape: tuple[int, ...]) 
         sharding.mesh,
         output_placements(sharding, value.dim()),
         run_check=False,
-        shape=global_shape,
+        shape=torch.Size(global_shape),
         stride=torch.empty(global_shape, device="meta").stride(),
     )

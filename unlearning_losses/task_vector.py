@@ -11,6 +11,7 @@ Inputs are never modified.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -85,14 +86,14 @@ def negate_task_vector(
     *,
     allow_dtype_mismatch: bool = False,
 ) -> dict[str, Tensor]:
-    r"""The unlearned weights :math:`\theta_c - \alpha(\theta_* - \theta_c)`, tensor by tensor.
+    r"""The unlearned weights $\theta_c - \alpha(\theta_* - \theta_c)$, tensor by tensor.
 
     Never builds the difference dict: each result tensor is computed from the two inputs in
     float64 slices and rounded once to the base's dtype.
 
     Args:
-        base: :math:`\theta_c`, the model to clean (state dict or module).
-        finetuned: :math:`\theta_*`, that model fine-tuned further on the forget set.
+        base: $\theta_c$, the model to clean (state dict or module).
+        finetuned: $\theta_*$, that model fine-tuned further on the forget set.
         alpha: the step, finite (MUSE uses 5; 0 gives back ``base``).
         allow_dtype_mismatch: accept floating tensors whose dtypes differ (the result takes the
             base's dtype).
@@ -290,9 +291,7 @@ def _elementwise(base: dict[str, Tensor], formula: Formula) -> dict[str, Tensor]
             continue
         key = storage_key(tensor)
         if key not in computed:
-            computed[key] = combine_tensor(
-                name, tensor, lambda part, b, name=name: formula(name, part, b)
-            )
+            computed[key] = combine_tensor(name, tensor, functools.partial(formula, name))
         result[name] = computed[key]
     return result
 

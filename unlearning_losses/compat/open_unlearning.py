@@ -30,7 +30,7 @@ RetainLossType = Literal["NLL", "KL"]
 def retain_kl_loss(logits: Tensor, ref_logits: Tensor, *, backend: Backend = "auto") -> Tensor:
     r"""open-unlearning's retain KL: ``kl_div(log p_theta, log p_ref, log_target=True, "batchmean")``.
 
-    That is :math:`\mathrm{KL}(P_{ref} \| P_\theta)` averaged over **every** row of the flattened
+    That is $\mathrm{KL}(P_{ref} \| P_\theta)$ averaged over **every** row of the flattened
     ``B x T`` logits. Quirk kept: prompt and padding positions count, and there is no shift; use
     :func:`unlearning_losses.kl_divergence` with ``labels`` and ``direction="reverse"`` to count
     only answer tokens.
@@ -44,7 +44,7 @@ def _retain_term(
     retain_loss_type: str,
     ref_retain_logits: Tensor | None,
     ignore_index: int,
-    backend: str,
+    backend: Backend,
 ) -> Tensor:
     _checks.check_choice(retain_loss_type, ("NLL", "KL"), "retain_loss_type")
     if retain_loss_type == "NLL":
@@ -98,7 +98,7 @@ def grad_diff_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's GradDiff: :math:`-\gamma L_f + \alpha\,\text{retain}`, HF token-mean NLLs."""
+    r"""open-unlearning's GradDiff: $-\gamma L_f + \alpha\,\text{retain}$, HF token-mean NLLs."""
     gamma, alpha = _weights(gamma, alpha)
     forget = ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
     retain = _retain_term(
@@ -122,12 +122,12 @@ def npo_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's NPO: :math:`\gamma \frac{2}{\beta}\operatorname{softplus}(\beta\Delta_i)`
-    averaged over sequences, :math:`\Delta_i` the summed log-ratio of sequence *i*, plus
-    :math:`\alpha\,\text{retain}`.
+    r"""open-unlearning's NPO: $\gamma \frac{2}{\beta}\operatorname{softplus}(\beta\Delta_i)$
+    averaged over sequences, $\Delta_i$ the summed log-ratio of sequence *i*, plus
+    $\alpha\,\text{retain}$.
 
-    Quirk kept: a sequence without a valid label enters the mean with :math:`\Delta_i = 0`, adding
-    :math:`2\log 2/\beta`; :func:`unlearning_losses.npo_loss` leaves it out.
+    Quirk kept: a sequence without a valid label enters the mean with $\Delta_i = 0$, adding
+    $2\log 2/\beta$; :func:`unlearning_losses.npo_loss` leaves it out.
     """
     gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
@@ -156,13 +156,13 @@ def simnpo_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's SimNPO: :math:`-\gamma\frac{2}{\beta}\log\sigma(\beta(S_i / n_i - \delta))`
-    averaged over all sequences, plus :math:`\alpha\,\text{retain}`.
+    r"""open-unlearning's SimNPO: $-\gamma\frac{2}{\beta}\log\sigma(\beta(S_i / n_i - \delta))$
+    averaged over all sequences, plus $\alpha\,\text{retain}$.
 
-    Quirks kept: :math:`S_i` is the summed NLL over the shifted labels, but :math:`n_i` counts the
+    Quirks kept: $S_i$ is the summed NLL over the shifted labels, but $n_i$ counts the
     *unshifted* labels, so a first label that is not ``ignore_index`` is counted without being
-    scored; every sequence enters the mean. Difference: a sequence with :math:`n_i = 0` divides 0 by
-    0 (NaN) there; here :math:`n_i` is taken as 1.
+    scored; every sequence enters the mean. Difference: a sequence with $n_i = 0$ divides 0 by
+    0 (NaN) there; here $n_i$ is taken as 1.
     """
     gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
@@ -199,12 +199,12 @@ def dpo_loss(
     backend: Backend = "auto",
 ) -> Tensor:
     r"""open-unlearning's DPO (IdkDPO with an "I don't know" alternate answer):
-    :math:`-\gamma\frac{2}{\beta}\log\sigma(\beta(\Delta^{alt}_i - \Delta^{forget}_i))` averaged
-    over all pairs, plus :math:`\alpha\,\text{retain}`.
+    $-\gamma\frac{2}{\beta}\log\sigma(\beta(\Delta^{alt}_i - \Delta^{forget}_i))$ averaged
+    over all pairs, plus $\alpha\,\text{retain}$.
 
-    Quirks kept: the :math:`2/\beta` factor (the DPO paper and
+    Quirks kept: the $2/\beta$ factor (the DPO paper and
     :func:`unlearning_losses.dpo_loss` have none), and pairs without a valid label enter the mean
-    with :math:`\Delta = 0`. :math:`\Delta` is the summed log-ratio to the reference.
+    with $\Delta = 0$. $\Delta$ is the summed log-ratio to the reference.
     """
     gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
@@ -240,9 +240,9 @@ def wga_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's WGA: :math:`\gamma\,` :func:`unlearning_losses.wga_loss`
-    :math:`+\ \alpha\,\text{retain}`; its forget term is the same token mean of
-    :math:`\operatorname{sg}[p^\beta]\,\ell`. No quirk in the forget term."""
+    r"""open-unlearning's WGA: $\gamma\,$ :func:`unlearning_losses.wga_loss`
+    $+\ \alpha\,\text{retain}$; its forget term is the same token mean of
+    $\operatorname{sg}[p^\beta]\,\ell$. No quirk in the forget term."""
     gamma, alpha = _weights(gamma, alpha)
     forget = _wga_loss(
         forget_logits, forget_labels, beta=beta, ignore_index=ignore_index, backend=backend
@@ -268,8 +268,8 @@ def satimp_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's SatImp: :math:`\gamma\,` :func:`unlearning_losses.satimp_loss`
-    :math:`+\ \alpha\,\text{retain}` (note its default :math:`\alpha = 0.1`). No quirk in the
+    r"""open-unlearning's SatImp: $\gamma\,$ :func:`unlearning_losses.satimp_loss`
+    $+\ \alpha\,\text{retain}$ (note its default $\alpha = 0.1$). No quirk in the
     forget term."""
     gamma, alpha = _weights(gamma, alpha)
     forget = _satimp_loss(
@@ -301,14 +301,14 @@ def undial_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""open-unlearning's UNDIAL: :math:`\gamma\,\mathrm{CE}(q, p_\theta)` with
-    :math:`q = \operatorname{softmax}(z^{ref} - \beta e_y)`, plus :math:`\alpha\,\text{retain}`.
+    r"""open-unlearning's UNDIAL: $\gamma\,\mathrm{CE}(q, p_\theta)$ with
+    $q = \operatorname{softmax}(z^{ref} - \beta e_y)$, plus $\alpha\,\text{retain}$.
 
     Quirks kept: the mean runs over **every** shifted position, prompt and padding included, and
     at an ignored position the label ``-100`` indexes the vocabulary from the end, lowering the
     logit of token ``V - 100`` (so ``V >= 100`` is required, as there).
     :func:`unlearning_losses.undial_loss` counts answer tokens only. The class default
-    :math:`\beta = 1` is kept; open-unlearning's config sets 10.
+    $\beta = 1$ is kept; open-unlearning's config sets 10.
     """
     gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
@@ -384,8 +384,8 @@ def rmu_loss(
     ignore_index: int = -100,
 ) -> Tensor:
     r"""open-unlearning's RMU with ``retain_loss_type="EMBED_DIFF"``:
-    :math:`\gamma\,F + \alpha\,R`, each term the mean over sequences of the sequence's mean over
-    its valid positions of :math:`\frac{1}{H}\lVert h - \text{target}\rVert^2`.
+    $\gamma\,F + \alpha\,R$, each term the mean over sequences of the sequence's mean over
+    its valid positions of $\frac{1}{H}\lVert h - \text{target}\rVert^2$.
 
     Quirk kept: sequences are averaged, not tokens (a short answer weighs as much as a long one);
     :func:`unlearning_losses.rmu_loss` averages over tokens. Difference: a sequence without a valid

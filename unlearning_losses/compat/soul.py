@@ -29,7 +29,7 @@ def ga_ft_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""SOUL's GA+FT: :math:`-L_f + \gamma L_r`, both Hugging Face token-mean NLLs.
+    r"""SOUL's GA+FT: $-L_f + \gamma L_r$, both Hugging Face token-mean NLLs.
 
     Quirk kept: none beyond the objective itself. Difference: a batch without a valid label gives
     0 here where Hugging Face's mean gives NaN.
@@ -50,15 +50,15 @@ def kl_ft_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""SOUL's KL+FT: :math:`-\gamma H + L_r`.
+    r"""SOUL's KL+FT: $-\gamma H + L_r$.
 
-    Quirks kept: SOUL's "kl_loss" :math:`H` is a cross-entropy,
-    :math:`-\sum_v p_\theta(v) \log(p_{ref}(v) + 10^{-12})`, not a KL divergence, and it is averaged
+    Quirks kept: SOUL's "kl_loss" $H$ is a cross-entropy,
+    $-\sum_v p_\theta(v) \log(p_{ref}(v) + 10^{-12})$, not a KL divergence, and it is averaged
     over **all** ``B x T`` positions of the forget batch, prompt and padding included, without the
-    causal-LM shift. Here :math:`H = \mathrm{KL}(P_\theta \| P_{ref}) + \mathcal{H}(P_\theta)`, with
-    the entropy :math:`\mathcal{H}(P) = \log V - \mathrm{KL}(P \| U)` against the uniform :math:`U`;
-    the :math:`10^{-12}` moves the value only where a reference probability is below about
-    :math:`10^{-6}` times the model's.
+    causal-LM shift. Here $H = \mathrm{KL}(P_\theta \| P_{ref}) + \mathcal{H}(P_\theta)$, with
+    the entropy $\mathcal{H}(P) = \log V - \mathrm{KL}(P \| U)$ against the uniform $U$;
+    the $10^{-12}$ moves the value only where a reference probability is below about
+    $10^{-6}$ times the model's.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
     forget_logits = _checks.check_logits(forget_logits, "forget_logits")
@@ -83,11 +83,11 @@ def npo_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""SOUL's NPO: :math:`\frac{2}{\beta}\operatorname{softplus}(\beta\Delta) + \gamma L_r`.
+    r"""SOUL's NPO: $\frac{2}{\beta}\operatorname{softplus}(\beta\Delta) + \gamma L_r$.
 
-    Quirk kept: :math:`\Delta` is one number per batch, the difference of the model's and the
+    Quirk kept: $\Delta$ is one number per batch, the difference of the model's and the
     reference's token-mean NLLs over the whole forget batch (``granularity="batch"``), where the NPO
-    paper uses one per sequence; :math:`\beta = 0.1` is hard-coded there.
+    paper uses one per sequence; $\beta = 0.1$ is hard-coded there.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
     forget = _npo_loss(

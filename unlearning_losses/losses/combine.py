@@ -16,7 +16,9 @@ def combine_with_retain(
 ) -> Tensor:
     r"""The unlearning objective, to minimize.
 
-    .. math:: \mathcal{L} = w_f\,\mathcal{L}_{forget} + w_r\,\mathcal{L}_{retain}
+    $$
+    \mathcal{L} = w_f\,\mathcal{L}_{forget} + w_r\,\mathcal{L}_{retain}
+    $$
 
     Every forget loss of this library is already a value to minimize (e.g. :func:`ga_loss` is the
     negative NLL), so the weights are plain non-negative trade-offs: SOUL's GA+FT is
@@ -26,7 +28,8 @@ def combine_with_retain(
         forget_loss: a tensor, usually a scalar from a forget loss.
         retain_loss: a tensor broadcastable with it, usually :func:`nll_loss` or
             :func:`kl_divergence` on the retain set.
-        forget_weight, retain_weight: finite real numbers.
+        forget_weight: finite real numbers.
+        retain_weight: finite real numbers.
 
     Returns:
         ``forget_weight * forget_loss + retain_weight * retain_loss``.

@@ -57,27 +57,39 @@ def dpo_loss(
 ) -> Tensor:
     r"""DPO loss on answer pairs (Rafailov et al., 2023), the IdkDPO baseline of unlearning.
 
-    With :math:`\Delta^w_i = \sum_{t} (\ell^w_t - r^w_t)` the summed log-ratio of the model to the
+    With $\Delta^w_i = \sum_{t} (\ell^w_t - r^w_t)$ the summed log-ratio of the model to the
     frozen reference on the chosen answer of pair *i* (e.g. "I don't know."), and
-    :math:`\Delta^l_i` the same on the rejected one (the forget answer),
+    $\Delta^l_i$ the same on the rejected one (the forget answer),
 
-    .. math:: \mathcal{L}_{DPO} = -\log\sigma\big(\beta(\Delta^w_i - \Delta^l_i)\big)
+    $$
+    \mathcal{L}_{DPO} = -\log\sigma\big(\beta(\Delta^w_i - \Delta^l_i)\big)
+    $$
 
     averaged over pairs with at least one valid token on either side (Maini et al., 2024, "TOFU"
     use it with a refusal as the chosen answer; β = 0.1 as in the DPO paper). Without the chosen
-    side it is NPO up to the factor :math:`2/\beta`.
+    side it is NPO up to the factor $2/\beta$.
 
     Args:
-        chosen_logits, rejected_logits: ``(B, T_w, V)`` and ``(B, T_l, V)`` (or ``(N_w, V)`` and
-            ``(N_l, V)``: one pair), the model on each answer.
-        chosen_labels, rejected_labels: their labels, ``ignore_index`` at prompt and padding.
-        ref_chosen_logprobs, ref_chosen_logits: the reference on the chosen answers, exactly one
-            (cached per-token log-probs as :func:`token_logprobs` gives them, or logits).
-        ref_rejected_logprobs, ref_rejected_logits: the same for the rejected answers.
+        chosen_logits: ``(B, T_w, V)`` and ``(B, T_l, V)`` (or ``(N_w, V)`` and ``(N_l, V)``: one
+            pair), the model on each answer.
+        rejected_logits: ``(B, T_w, V)`` and ``(B, T_l, V)`` (or ``(N_w, V)`` and ``(N_l, V)``: one
+            pair), the model on each answer.
+        chosen_labels: their labels, ``ignore_index`` at prompt and padding.
+        rejected_labels: their labels, ``ignore_index`` at prompt and padding.
+        ref_chosen_logprobs: the reference on the chosen answers, exactly one (cached per-token log-
+            probs as :func:`token_logprobs` gives them, or logits).
+        ref_chosen_logits: the reference on the chosen answers, exactly one (cached per-token log-
+            probs as :func:`token_logprobs` gives them, or logits).
+        ref_rejected_logprobs: the same for the rejected answers.
+        ref_rejected_logits: the same for the rejected answers.
         beta: inverse temperature, > 0.
         reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty pairs).
         num_sequences: the global count of non-empty pairs (data parallel); ``"mean"`` only.
-        ignore_index, shift, backend, validate, vocab_group: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
         sequence_group: the context-parallel group, as :func:`npo_loss` (labels already
             shifted, ``shift=False``).
     """

@@ -30,16 +30,17 @@ def kl_divergence(
 ) -> Tensor:
     r"""Mean per-token KL divergence between the model's and a reference's next-token distributions.
 
-    .. math::
-        \mathrm{KL}_t = \sum_v p_\theta(v)\,\big(\log p_\theta(v) - \log p_{ref}(v)\big)
-        \quad \text{(forward)}, \qquad
-        \mathrm{KL}_t = \sum_v p_{ref}(v)\,\big(\log p_{ref}(v) - \log p_\theta(v)\big)
-        \quad \text{(reverse)}
+    $$
+    \mathrm{KL}_t = \sum_v p_\theta(v)\,\big(\log p_\theta(v) - \log p_{ref}(v)\big)
+    \quad \text{(forward)}, \qquad
+    \mathrm{KL}_t = \sum_v p_{ref}(v)\,\big(\log p_{ref}(v) - \log p_\theta(v)\big)
+    \quad \text{(reverse)}
+    $$
 
-    and the loss is :math:`\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t`, to minimize (a retain
+    and the loss is $\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t$, to minimize (a retain
     regularizer; open-unlearning's retain KL is the reverse direction). Entries where the first
     distribution is 0 contribute 0. Gradients w.r.t. the logits:
-    :math:`p_j(\log p_j - \log q_j - \mathrm{KL}_t)` (forward) and :math:`p_j - q_j` (reverse).
+    $p_j(\log p_j - \log q_j - \mathrm{KL}_t)$ (forward) and $p_j - q_j$ (reverse).
     ``ref_logits`` is a constant: no gradient flows into it.
 
     Args:
@@ -48,8 +49,13 @@ def kl_divergence(
         labels: selects positions as in :func:`ga_loss` (with the shift); ``None`` counts every
             position of the logits (shift then does not apply).
         direction: ``"forward"`` (KL(P_theta || P_ref), the SOUL paper's) or ``"reverse"``.
-        ignore_index, shift, num_items_in_batch, backend, validate, inplace_backward,
-            vocab_group: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        ignore_index: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        shift: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        num_items_in_batch: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        backend: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        validate: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        inplace_backward: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        vocab_group: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per token).
 
     Returns:
@@ -103,7 +109,9 @@ def kl_loss(
 ) -> Tensor:
     r"""KL forget loss: the negative of :func:`kl_divergence`, to minimize.
 
-    .. math:: \mathcal{L}_{KL} = -\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t
+    $$
+    \mathcal{L}_{KL} = -\frac{1}{|M|}\sum_{t\in M} \mathrm{KL}_t
+    $$
 
     Minimizing it drives the model's predictions on the forget set away from the reference
     (the KL baseline of the SOUL paper, forward direction). Arguments as :func:`kl_divergence`.

@@ -91,7 +91,9 @@ def linear_token_logprobs(
         labels: ``(B, T)`` or ``(N,)`` integer, ``ignore_index`` at prompt and padding.
         bias: optional ``(V,)``.
         chunk_rows: rows per chunk (default: as many as 128 MiB of float32 logits hold).
-        ignore_index, shift, validate: as :func:`~unlearning_losses.token_logprobs`.
+        ignore_index: as :func:`~unlearning_losses.token_logprobs`.
+        shift: as :func:`~unlearning_losses.token_logprobs`.
+        validate: as :func:`~unlearning_losses.token_logprobs`.
 
     Returns:
         float32 per-token log-probs, differentiable in ``hidden``, ``weight`` and ``bias`` (weight

@@ -20,7 +20,9 @@ def token_logprobs(
 ) -> Tensor:
     r"""Log-probability of each label under the softmax of the logits.
 
-    .. math:: \ell_t = z_{t, y_t} - \log \sum_v e^{z_{t, v}}
+    $$
+    \ell_t = z_{t, y_t} - \log \sum_v e^{z_{t, v}}
+    $$
 
     Computed in float32 (float64 for float64 logits) without a float32 copy of the logits. This is
     also how to cache a frozen reference model's log-probs once: ``B x T`` floats, not the logits.

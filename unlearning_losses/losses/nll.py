@@ -75,7 +75,9 @@ def ga_loss(
 ) -> Tensor:
     r"""Gradient-ascent forget loss: the mean log-likelihood of the forget tokens, to minimize.
 
-    .. math:: \mathcal{L}_{GA} = \frac{1}{|M|} \sum_{t \in M} \log p_\theta(y_t \mid y_{<t})
+    $$
+    \mathcal{L}_{GA} = \frac{1}{|M|} \sum_{t \in M} \log p_\theta(y_t \mid y_{<t})
+    $$
 
     Minimizing it ascends the NLL (Jang et al., 2023, "Knowledge Unlearning"; the GA baseline of
     TOFU, MUSE and SOUL). Its gradient w.r.t. the logits is ``(onehot(y) - softmax(z)) / |M|``.
@@ -135,7 +137,9 @@ def nll_loss(
 ) -> Tensor:
     r"""Negative log-likelihood (the causal-LM loss), the usual retain term.
 
-    .. math:: \mathcal{L}_{NLL} = -\frac{1}{|M|} \sum_{t \in M} \log p_\theta(y_t \mid y_{<t})
+    $$
+    \mathcal{L}_{NLL} = -\frac{1}{|M|} \sum_{t \in M} \log p_\theta(y_t \mid y_{<t})
+    $$
 
     Equals ``model(..., labels=labels).loss`` of a Hugging Face causal LM, computed in float32
     without a float32 copy of the logits. Arguments as :func:`ga_loss`, of which it is the negative.
@@ -169,7 +173,9 @@ def idk_loss(
 ) -> Tensor:
     r"""IDK forget loss: the NLL of a refusal answer to a forget question, to minimize.
 
-    .. math:: \mathcal{L}_{IDK} = -\frac{1}{|M|} \sum_{t \in M} \log p_\theta(a^{idk}_t \mid q, a^{idk}_{<t})
+    $$
+    \mathcal{L}_{IDK} = -\frac{1}{|M|} \sum_{t \in M} \log p_\theta(a^{idk}_t \mid q, a^{idk}_{<t})
+    $$
 
     The forget questions are paired with a refusal such as "I don't know." and the model is
     fine-tuned on those answers (Maini et al., 2024, "TOFU", the IDK baseline). ``idk_logits`` are

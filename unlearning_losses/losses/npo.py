@@ -76,23 +76,25 @@ def npo_loss(
 ) -> Tensor:
     r"""NPO forget loss (Zhang et al., 2024, "Negative Preference Optimization"), to minimize.
 
-    With :math:`\Delta` the log-likelihood ratio of the model to the frozen reference,
+    With $\Delta$ the log-likelihood ratio of the model to the frozen reference,
 
-    .. math:: \mathcal{L}_{NPO} = \frac{2}{\beta} \operatorname{softplus}(\beta \Delta)
-              = -\frac{2}{\beta} \log \sigma(-\beta \Delta)
+    $$
+    \mathcal{L}_{NPO} = \frac{2}{\beta} \operatorname{softplus}(\beta \Delta)
+    = -\frac{2}{\beta} \log \sigma(-\beta \Delta)
+    $$
 
-    where ``granularity`` sets :math:`\Delta`:
+    where ``granularity`` sets $\Delta$:
 
-    - ``"sequence"`` (NPO paper, open-unlearning): :math:`\Delta_i = \sum_{t \in M_i} (\ell_t - r_t)`,
+    - ``"sequence"`` (NPO paper, open-unlearning): $\Delta_i = \sum_{t \in M_i} (\ell_t - r_t)$,
       averaged over sequences that have a valid token;
-    - ``"sequence_mean"``: :math:`\Delta_i` is the mean instead of the sum;
+    - ``"sequence_mean"``: $\Delta_i$ is the mean instead of the sum;
     - ``"token"`` (the SOUL paper's formula): the loss of each token, averaged over tokens;
-    - ``"batch"`` (the SOUL code): one :math:`\Delta`, the token mean over the batch; a scalar for
+    - ``"batch"`` (the SOUL code): one $\Delta$, the token mean over the batch; a scalar for
       every ``reduction``.
 
-    The gradient is :math:`2\sigma(\beta\Delta)\,\nabla\Delta`: gradient ascent on the NLL, damped as
-    the model moves away from the reference. As :math:`\beta \to 0` the loss tends to
-    :math:`2\log 2/\beta + \Delta`. 2-D input is one sequence.
+    The gradient is $2\sigma(\beta\Delta)\,\nabla\Delta$: gradient ascent on the NLL, damped as
+    the model moves away from the reference. As $\beta \to 0$ the loss tends to
+    $2\log 2/\beta + \Delta$. 2-D input is one sequence.
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``, the model being unlearned.
@@ -102,8 +104,12 @@ def npo_loss(
         ref_logits: or the reference model's logits, shaped like ``logits``. Give exactly one.
         beta: inverse temperature, > 0.
         granularity: ``"sequence"``, ``"sequence_mean"``, ``"token"`` or ``"batch"``.
-        ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
-            :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        inplace_backward: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
         sequence_group: a ``torch.distributed`` process group over which every sequence's
             positions are split (context parallel): each sequence's sums and counts are reduced
             over it before the nonlinearity, and every rank gets the whole batch's loss. Labels

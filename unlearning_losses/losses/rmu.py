@@ -17,10 +17,10 @@ def rmu_control_vector(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    r"""RMU's fixed random direction :math:`c\,u/\lVert u \rVert`, ``u`` uniform in ``[0, 1)^H``.
+    r"""RMU's fixed random direction $c\,u/\lVert u \rVert$, ``u`` uniform in ``[0, 1)^H``.
 
     Draw it once per unlearning run (pass a seeded ``generator`` to reproduce it) and reuse it for
-    every step. ``steering_coeff`` :math:`c` is 6.5 in the WMDP paper's Zephyr-7B run;
+    every step. ``steering_coeff`` $c$ is 6.5 in the WMDP paper's Zephyr-7B run;
     open-unlearning's config uses 300 for its models: it must be large relative to the layer's
     activation norms.
     """
@@ -74,7 +74,7 @@ def checked_rmu_inputs(
             f"forget_hidden; got {tuple(retain_hidden.shape)}"
         )
     _checks.check_same_device(control_vector, forget_hidden, "control_vector", "forget_hidden")
-    _checks.check_int(ignore_index, "ignore_index")
+    ignore_index = _checks.check_int(ignore_index, "ignore_index")
     forget_valid = _positions(forget_hidden, forget_labels, "forget_labels", ignore_index)
     retain_valid = _positions(retain_hidden, retain_labels, "retain_labels", ignore_index)
     return (
@@ -120,12 +120,14 @@ def rmu_loss(
 ) -> Tensor:
     r"""RMU (Representation Misdirection for Unlearning) loss, to minimize.
 
-    With :math:`h_t` the chosen layer's hidden state at forget position *t*, :math:`h'_s` at retain
-    position *s*, :math:`h^{ref}_s` the frozen model's at the same layer, and :math:`c\,u` the
+    With $h_t$ the chosen layer's hidden state at forget position *t*, $h'_s$ at retain
+    position *s*, $h^{ref}_s$ the frozen model's at the same layer, and $c\,u$ the
     control vector (:func:`rmu_control_vector`),
 
-    .. math:: \mathcal{L}_{RMU} = \frac{1}{|M_f|}\sum_{t\in M_f} \frac{1}{H}\lVert h_t - c\,u\rVert^2
-              + \alpha\,\frac{1}{|M_r|}\sum_{s\in M_r} \frac{1}{H}\lVert h'_s - h^{ref}_s\rVert^2
+    $$
+    \mathcal{L}_{RMU} = \frac{1}{|M_f|}\sum_{t\in M_f} \frac{1}{H}\lVert h_t - c\,u\rVert^2
+    + \alpha\,\frac{1}{|M_r|}\sum_{s\in M_r} \frac{1}{H}\lVert h'_s - h^{ref}_s\rVert^2
+    $$
 
     (Li et al., 2024, "The WMDP Benchmark", whose Zephyr-7B run uses α = 1200, c = 6.5 at layer
     7). The forget term scrambles the layer's representation of the forget text; the retain term
@@ -138,11 +140,14 @@ def rmu_loss(
         retain_hidden: the trained model's activations on the retain batch.
         ref_retain_hidden: the frozen model's, same shape, dtype and device (a constant).
         control_vector: ``(H,)`` (a constant).
-        forget_labels, retain_labels: ``(B, T)`` or ``(N,)``; positions equal to
-            ``ignore_index`` do not count. No shift: activation *t* belongs to token *t*. ``None``
-            counts every position.
+        forget_labels: ``(B, T)`` or ``(N,)``; positions equal to ``ignore_index`` do not count. No
+            shift: activation *t* belongs to token *t*. ``None`` counts every position.
+        retain_labels: ``(B, T)`` or ``(N,)``; positions equal to ``ignore_index`` do not count. No
+            shift: activation *t* belongs to token *t*. ``None`` counts every position.
         alpha: weight of the retain term, finite.
-        num_forget_items, num_retain_items: global counts of valid positions (data parallel), as
+        num_forget_items: global counts of valid positions (data parallel), as
+            ``num_items_in_batch`` elsewhere.
+        num_retain_items: global counts of valid positions (data parallel), as
             ``num_items_in_batch`` elsewhere.
 
     Returns:

@@ -28,17 +28,25 @@ def simnpo_loss(
 ) -> Tensor:
     r"""SimNPO forget loss (Fan et al., 2024, "Simplicity Prevails"), to minimize.
 
-    With :math:`\bar L_i = -\frac{1}{|M_i|} \sum_{t \in M_i} \ell_t` the mean NLL of sequence *i*,
+    With $\bar L_i = -\frac{1}{|M_i|} \sum_{t \in M_i} \ell_t$ the mean NLL of sequence *i*,
 
-    .. math:: \mathcal{L}_{SimNPO} = -\frac{2}{\beta} \log \sigma\big(\beta (\bar L_i - \delta)\big)
+    $$
+    \mathcal{L}_{SimNPO} = -\frac{2}{\beta} \log \sigma\big(\beta (\bar L_i - \delta)\big)
+    $$
 
-    averaged over sequences with at least one valid token (the paper's :math:`\gamma` is
-    :math:`\beta\delta`). Its gradient pushes :math:`\bar L_i` up with weight
-    :math:`2\sigma(-\beta(\bar L_i - \delta))`, which fades once a sequence is forgotten.
+    averaged over sequences with at least one valid token (the paper's $\gamma$ is
+    $\beta\delta$). Its gradient pushes $\bar L_i$ up with weight
+    $2\sigma(-\beta(\bar L_i - \delta))$, which fades once a sequence is forgotten.
 
     Args:
-        logits, labels, ignore_index, shift, backend, validate, inplace_backward, vocab_group: as
-            :func:`ga_loss`.
+        logits: as :func:`ga_loss`.
+        labels: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        inplace_backward: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
         sequence_group: the context-parallel group over which every sequence's positions are
             split, as :func:`npo_loss` (labels already shifted, ``shift=False``).
         beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).

@@ -1,6 +1,6 @@
 r"""Forget losses that distil the model toward a soft target without the label: UNDIAL and CE-U.
 
-Both are the token mean of the cross-entropy :math:`-\sum_v q_v \log p_\theta(v)` from a
+Both are the token mean of the cross-entropy $-\sum_v q_v \log p_\theta(v)$ from a
 constant target distribution Q to the model. Q is a softmax of logits with the label's logit
 lowered: by ``beta`` on the reference model's logits (UNDIAL) or removed from the model's own
 detached logits (CE-U). One fused pass forward, one backward (the Triton KL kernels in their
@@ -77,12 +77,14 @@ def undial_loss(
 ) -> Tensor:
     r"""UNDIAL forget loss: self-distillation toward the reference with the label's logit lowered.
 
-    .. math:: q = \operatorname{softmax}(z^{ref} - \beta\, e_{y_t}), \qquad
-              \mathcal{L}_{UNDIAL} = \frac{1}{|M|}\sum_{t\in M} -\sum_v q_v \log p_\theta(v)
+    $$
+    q = \operatorname{softmax}(z^{ref} - \beta\, e_{y_t}), \qquad
+    \mathcal{L}_{UNDIAL} = \frac{1}{|M|}\sum_{t\in M} -\sum_v q_v \log p_\theta(v)
+    $$
 
     (Dong et al., 2025, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
     Large Language Models"). The model is pulled toward the reference everywhere except that the
-    memorised token is made less likely by the factor :math:`e^{-\beta}` before renormalising, which
+    memorised token is made less likely by the factor $e^{-\beta}$ before renormalising, which
     keeps the update bounded where gradient ascent diverges. Masked and shifted like every loss here
     (open-unlearning's version averages over every position, prompt and padding included).
 
@@ -92,7 +94,12 @@ def undial_loss(
         labels: ``(B, T)`` or ``(N,)``, ``ignore_index`` at prompt and padding.
         beta: how far the label's logit is lowered, >= 0 (default 10.0, open-unlearning's
             config; 0 is plain distillation to the reference).
-        ignore_index, shift, reduction, num_items_in_batch, backend, validate: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        reduction: as :func:`ga_loss`.
+        num_items_in_batch: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return _soft_target_mean(
@@ -122,12 +129,14 @@ def ceu_loss(
 ) -> Tensor:
     r"""CE-U (cross-entropy unlearning) forget loss, to minimize.
 
-    .. math:: q = \operatorname{softmax}\big(\operatorname{sg}[z]\ \text{with}\ z_{y_t} = -\infty\big),
-              \qquad \mathcal{L}_{CE\text{-}U} = \frac{1}{|M|}\sum_{t\in M} -\sum_{v} q_v \log p_\theta(v)
+    $$
+    q = \operatorname{softmax}\big(\operatorname{sg}[z]\ \text{with}\ z_{y_t} = -\infty\big),
+    \qquad \mathcal{L}_{CE\text{-}U} = \frac{1}{|M|}\sum_{t\in M} -\sum_{v} q_v \log p_\theta(v)
+    $$
 
     (Yang et al., 2025, "CE-U: Cross Entropy Unlearning"). The target is the model's own
     distribution with the label removed and renormalised, so the gradient ``p - q`` moves mass off
-    the label only: at the label it is :math:`p_y`, bounded, unlike gradient ascent's. The paper
+    the label only: at the label it is $p_y$, bounded, unlike gradient ascent's. The paper
     also leaves out each answer's first token; mask it in ``labels`` for that (open-unlearning's
     ``ignore_first_n_answer_tokens``; see :func:`unlearning_losses.compat.open_unlearning.ceu_loss`).
 
@@ -135,8 +144,13 @@ def ceu_loss(
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
-        ignore_index, labels, shift, reduction, num_items_in_batch, backend, validate: as
-            :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        labels: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        reduction: as :func:`ga_loss`.
+        num_items_in_batch: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
     """
     return _soft_target_mean(
         logits,

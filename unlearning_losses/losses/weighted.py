@@ -34,8 +34,10 @@ def wga_loss(
 ) -> Tensor:
     r"""Weighted gradient ascent (WGA) forget loss, to minimize.
 
-    .. math:: \mathcal{L}_{WGA} = \frac{1}{|M|}\sum_{t\in M} \operatorname{sg}\!\big[p_t^{\beta}\big]\,\ell_t,
-              \qquad p_t = e^{\ell_t}
+    $$
+    \mathcal{L}_{WGA} = \frac{1}{|M|}\sum_{t\in M} \operatorname{sg}\!\big[p_t^{\beta}\big]\,\ell_t,
+    \qquad p_t = e^{\ell_t}
+    $$
 
     (Wang et al., 2025, "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go
     Beyond"). Tokens the model already finds unlikely get small weights, so the ascent stops
@@ -43,8 +45,16 @@ def wga_loss(
 
     Args:
         beta: the weight's exponent, >= 0 (default 1.0, open-unlearning's).
-        logits, labels, ignore_index, shift, reduction, num_items_in_batch, backend, validate,
-            inplace_backward, vocab_group: as :func:`ga_loss`.
+        logits: as :func:`ga_loss`.
+        labels: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        reduction: as :func:`ga_loss`.
+        num_items_in_batch: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        inplace_backward: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return token_mean_logprob(
@@ -79,17 +89,27 @@ def satimp_loss(
 ) -> Tensor:
     r"""SatImp forget loss (saturation x importance token weights), to minimize.
 
-    .. math:: \mathcal{L}_{SatImp} = \frac{1}{|M|}\sum_{t\in M}
-              \operatorname{sg}\!\big[p_t^{\beta_1} (1 - p_t)^{\beta_2}\big]\,\ell_t
+    $$
+    \mathcal{L}_{SatImp} = \frac{1}{|M|}\sum_{t\in M}
+    \operatorname{sg}\!\big[p_t^{\beta_1} (1 - p_t)^{\beta_2}\big]\,\ell_t
+    $$
 
     (Yang et al., 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning").
-    :math:`1 - p_t` is formed as ``-expm1(l_t)``, exact for tokens the model is sure of.
+    $1 - p_t$ is formed as ``-expm1(l_t)``, exact for tokens the model is sure of.
 
     Args:
-        beta1: exponent of :math:`p_t`, >= 0 (default 5.0, open-unlearning's).
-        beta2: exponent of :math:`1 - p_t`, >= 0 (default 1.0).
-        logits, labels, ignore_index, shift, reduction, num_items_in_batch, backend, validate,
-            inplace_backward, vocab_group: as :func:`ga_loss`.
+        beta1: exponent of $p_t$, >= 0 (default 5.0, open-unlearning's).
+        beta2: exponent of $1 - p_t$, >= 0 (default 1.0).
+        logits: as :func:`ga_loss`.
+        labels: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        reduction: as :func:`ga_loss`.
+        num_items_in_batch: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        inplace_backward: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
     """
     beta1 = _checks.check_finite_number(beta1, "beta1", nonnegative=True)
     beta2 = _checks.check_finite_number(beta2, "beta2", nonnegative=True)
@@ -130,20 +150,31 @@ def tnpo_loss(
 ) -> Tensor:
     r"""Token-wise NPO (TNPO) forget loss, to minimize.
 
-    .. math:: \mathcal{L}_{TNPO} = \frac{1}{|M|}\sum_{t\in M}
-              \operatorname{sg}\!\big[2\sigma(\beta(\ell_t - r_t))\big]\,\ell_t
+    $$
+    \mathcal{L}_{TNPO} = \frac{1}{|M|}\sum_{t\in M}
+    \operatorname{sg}\!\big[2\sigma(\beta(\ell_t - r_t))\big]\,\ell_t
+    $$
 
-    with :math:`r_t` the reference model's log-prob of the same token (Wang et al., 2025,
+    with $r_t$ the reference model's log-prob of the same token (Wang et al., 2025,
     "Rethinking LLM Unlearning Objectives"). The weight is the factor that NPO's gradient puts on
-    :math:`\nabla \ell`, taken per token instead of per sequence: 1 at the reference, fading as the
+    $\nabla \ell$, taken per token instead of per sequence: 1 at the reference, fading as the
     token is forgotten. The value is the weighted log-likelihood, not the NPO loss; the gradients
     agree with ``npo_loss(granularity="token")``.
 
     Args:
-        ref_logprobs, ref_logits: the reference, exactly one, as in :func:`npo_loss`.
+        ref_logprobs: the reference, exactly one, as in :func:`npo_loss`.
+        ref_logits: the reference, exactly one, as in :func:`npo_loss`.
         beta: inverse temperature, > 0 (default 0.1, as :func:`npo_loss`).
-        logits, labels, ignore_index, shift, reduction, num_items_in_batch, backend, validate,
-            inplace_backward, vocab_group: as :func:`ga_loss`.
+        logits: as :func:`ga_loss`.
+        labels: as :func:`ga_loss`.
+        ignore_index: as :func:`ga_loss`.
+        shift: as :func:`ga_loss`.
+        reduction: as :func:`ga_loss`.
+        num_items_in_batch: as :func:`ga_loss`.
+        backend: as :func:`ga_loss`.
+        validate: as :func:`ga_loss`.
+        inplace_backward: as :func:`ga_loss`.
+        vocab_group: as :func:`ga_loss`.
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
 

@@ -11,10 +11,11 @@ and bias gradients (weight and bias in float32). A head that does not require gr
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from .chunked import (
     CHUNK_BYTES,
@@ -104,7 +105,7 @@ class _Gradients:
         return (
             self.hidden,
             None if self.weight is None else self.weight.to(weight.dtype),
-            None if self.bias is None else self.bias.to(bias.dtype),
+            None if self.bias is None or bias is None else self.bias.to(bias.dtype),
         )
 
 
@@ -125,7 +126,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -171,7 +172,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         hidden, weight, bias, safe_targets, valid, lse, logprobs, directions = ctx.saved_tensors
         acc = logprobs.dtype
         if directions is not None:
@@ -201,7 +202,7 @@ class LinearTokenKL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -229,7 +230,7 @@ class LinearTokenKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl = ctx.saved_tensors
         acc = kl.dtype
         grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
@@ -273,7 +274,7 @@ class LinearTokenSum(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -310,7 +311,7 @@ class LinearTokenSum(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None)
 
 
@@ -320,7 +321,7 @@ class LinearKLSum(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -368,11 +369,11 @@ class LinearKLSum(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None)
 
 
-def _scaled_once(ctx: FunctionCtx, grad_out: Tensor) -> tuple:
+def _scaled_once(ctx: Any, grad_out: Tensor) -> tuple:
     """The gradients formed in the forward pass, scaled in place by the upstream scalar: no second
     copy of the weight gradient. They are handed over, so a second backward is refused."""
     if ctx.grads is None:

@@ -11,10 +11,12 @@ temporaries are chunk-sized, the communication is ``(B, L)`` per-token values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from ..sharding import VocabShard
 from .chunked import (
@@ -46,7 +48,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, logits: Tensor, targets: Tensor, valid: Tensor, vocab: VocabShard
+        ctx: Any, logits: Tensor, targets: Tensor, valid: Tensor, vocab: VocabShard
     ) -> Tensor:
         acc = accumulation_dtype(logits.dtype)
         local_vocab = logits.shape[-1]
@@ -70,7 +72,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         logits, local_targets, in_shard, valid, lse = ctx.saved_tensors
         acc = lse.dtype
         grad = torch.empty_like(logits)
@@ -91,7 +93,7 @@ class VocabParallelTokenKL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         logits: Tensor,
         ref_logits: Tensor,
         valid: Tensor,
@@ -120,7 +122,7 @@ class VocabParallelTokenKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor):
         logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
         acc = kl.dtype
         grad = torch.empty_like(logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from hypothesis import given, settings
@@ -59,7 +60,7 @@ def check_loss(
                 raise AssertionError(f"property {name!r}: {error}") from None
 
     # One failure, shrunk, rather than a group of them: the message stays readable.
-    overrides = {"report_multiple_bugs": False}
+    overrides: dict[str, Any] = {"report_multiple_bugs": False}
     if max_examples is not None:
         overrides["max_examples"] = max_examples
     settings(**overrides)(run)()

@@ -65,8 +65,10 @@ def batches(
     """A :class:`Case`: ``(B, T, V)`` or ``(N, V)`` logits and their labels.
 
     Args:
-        min_vocab, max_vocab: the vocabulary size's range.
-        max_batch, max_length: the batch's size and each sequence's length at most.
+        min_vocab: the vocabulary size's range.
+        max_vocab: the vocabulary size's range.
+        max_batch: the batch's size and each sequence's length at most.
+        max_length: the batch's size and each sequence's length at most.
         three_d: ``(B, T, V)`` (True), ``(N, V)`` (False) or either (None).
         dtypes: the logits' dtypes to draw from.
         batch: a fixed batch size instead of a drawn one.
