@@ -10,30 +10,61 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_cpu_loss_benchmark_writes_its_table(tmp_path):
-    subprocess.run(
+def test_bench_command_writes_its_table_csv_json_and_plot(tmp_path):
+    done = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "bench_cpu_losses.py"),
-            "--batch=1",
-            "--length=9",
-            "--vocab=33",
+            "-m",
+            "unlearning_losses",
+            "bench",
+            "--device=cpu",
+            "--tokens=16",
+            "--hidden=8",
+            "--vocabs",
+            "40",
+            "80",
             "--repeats=1",
-            "--dtypes",
-            "float32",
+            "--losses",
+            "ga",
+            "kl",
+            "linear_ga",
+            "--quiet",
             "--out",
             str(tmp_path),
         ],
         check=True,
         capture_output=True,
+        text=True,
     )
-    table = (tmp_path / "cpu_losses.md").read_text()
-    assert "| ga | float32 |" in table and "| kl | float32 |" in table
-    records = json.loads((tmp_path / "cpu_losses.json").read_text())
-    assert {(r["loss"], r["impl"]) for r in records} == {
-        (loss, impl) for loss in ("ga", "npo", "kl") for impl in ("naive", "ours")
-    }
-    assert all(r["seconds"] > 0 for r in records)
+    table = (tmp_path / "bench.md").read_text()
+    assert table.strip() in done.stdout
+    for loss in ("ga", "kl", "linear_ga"):
+        for vocab in (40, 80):
+            assert f"| {loss} | {vocab} | float32 | ours |" in table
+            assert f"| {loss} | {vocab} | float32 | eager |" in table
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert all(r["fwd+bwd_ms"] > 0 and r["error_vs_float64"] < 1e-4 for r in records)
+    assert (tmp_path / "bench.csv").read_text().startswith("loss,vocab,dtype,implementation")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_scripts_are_callers_of_the_bench_command(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_cpu_losses.py"),
+            "--tokens=16",
+            "--vocabs",
+            "33",
+            "--repeats=1",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    for loss in ("ga", "npo", "kl", "simnpo"):
+        assert f"| {loss} | 33 | bfloat16 | ours |" in done.stdout
 
 
 def test_fused_linear_benchmark_compares_each_head_mode():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, bench
 from .demo import arguments as demo_arguments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_arguments.add_arguments(
         commands.add_parser("demo", help="train a small model, unlearn, compare the methods")
+    )
+    bench.add_arguments(
+        commands.add_parser("bench", help="time the losses against eager PyTorch and kernels")
     )
     vector = commands.add_parser(
         "task-vector",
@@ -41,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     vector.add_argument("--overwrite", action="store_true")
     vector.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "bench":
+        if args.out:
+            _require(parser, "bench", ("matplotlib",))
+        bench.run(args)
+    elif args.command == "demo":
         _require(parser, "demo", ("matplotlib", "tqdm"))
         from .demo import run as demo
 

@@ -1,0 +1,232 @@
+"""``unlearning-losses bench``: the losses' microbenchmarks, on the device you have.
+
+For each loss (GA, NPO, KL, SimNPO, UNDIAL from logits; GA, NPO, KL from hidden states) and each
+implementation that can run here (ours; eager PyTorch as research code writes it;
+``torch.compile`` of that; Liger-Kernel's and Cut Cross-Entropy's kernels and PyTorch's
+``linear_cross_entropy`` where available), it measures forward, backward and forward+backward
+(median after a warm-up; CUDA events on a GPU), the achieved GB/s of the logits' traffic and its
+fraction of the measured copy bandwidth, the peak memory beyond the inputs, and the error
+against the float64 evaluation of the same loss on a slice of the batch. It prints a markdown
+table; ``--out DIR`` also writes CSV, JSON and a PNG of time and memory against the vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._progress import progress
+from . import report
+from .measure import Timer, copy_bandwidth, peak_extra_bytes
+from .providers import LINEAR_LOSSES, LOGIT_LOSSES, Batch, providers, traffic
+
+DEFAULT_LOSSES = ("ga", "npo", "kl", "simnpo", "linear_ga")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Defaults per device: about a minute on a GPU, a few minutes on two CPU cores.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "cuda": {"tokens": 8192, "hidden": 4096, "vocabs": [32000, 128256], "dtypes": ["bfloat16"]},
+    "cpu": {"tokens": 1024, "hidden": 1024, "vocabs": [32000], "dtypes": ["float32"]},
+}
+SEQUENCES = 8
+CHECK_ROWS = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    losses = LOGIT_LOSSES + LINEAR_LOSSES
+    parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=losses)
+    parser.add_argument("--implementations", nargs="+", help="only these (default: all found)")
+    parser.add_argument("--tokens", type=int, help="tokens per batch (cuda 8192, cpu 1024)")
+    parser.add_argument("--hidden", type=int, help="hidden size, fused-linear losses")
+    parser.add_argument("--vocabs", type=int, nargs="+", help="vocabulary sizes")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, help="timed runs per pass (cuda 10, cpu 3)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="also time torch.compile of the eager code (default: on CUDA only)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, help="also write bench.md/.csv/.json/.png here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Measure, print the table, write the files; the records."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    tokens = args.tokens or defaults["tokens"]
+    hidden = args.hidden or defaults["hidden"]
+    vocabs = args.vocabs or defaults["vocabs"]
+    dtypes = args.dtypes or defaults["dtypes"]
+    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    compiled = args.compile if args.compile is not None else device.type == "cuda"
+    timer = Timer(device)
+    bandwidth = copy_bandwidth(device, timer)
+    plan = [(loss, v, d) for loss in args.losses for v in vocabs for d in dtypes]
+    found = {loss: providers(loss, device, compiled) for loss in args.losses}
+    if args.implementations:
+        found = {
+            loss: {n: f for n, f in impls.items() if n in args.implementations or n == "ours"}
+            for loss, impls in found.items()
+        }
+    total = sum(len(found[loss]) for loss, _, _ in plan)
+    records = []
+    with progress(total, "bench", "measurement", not args.quiet) as bar:
+        for loss, vocab, dtype_name in plan:
+            batch = _batch(loss, tokens, hidden, vocab, DTYPES[dtype_name], device)
+            check = _slice(batch)
+            reference = found[loss]["ours"](_as_float64(check)).item()
+            ours_ms = math.nan
+            for name, fn in found[loss].items():
+                mine = _private(batch) if "in-place" in name else batch
+                record = _measure(fn, mine, timer, repeats, device)
+                ours_ms = record["fwd+bwd_ms"] if name == "ours" else ours_ms
+                value = fn(_private(check) if "in-place" in name else check).item()
+                record.update(
+                    loss=loss,
+                    vocab=vocab,
+                    dtype=dtype_name,
+                    implementation=name,
+                    time_vs_ours=record["fwd+bwd_ms"] / ours_ms,
+                    error_vs_float64=abs(value - reference),
+                    **_bandwidth(loss, batch, record["fwd+bwd_ms"], bandwidth),
+                )
+                records.append({column: record[column] for column in report.COLUMNS})
+                bar.update()
+    header = _header(device, tokens, hidden, repeats, bandwidth)
+    print(report.markdown(records, header))
+    if args.out:
+        for path in report.write(records, header, args.out):
+            print(f"wrote {path}")
+    return records
+
+
+def _batch(loss: str, tokens: int, hidden: int, vocab: int, dtype, device) -> Batch:
+    g = torch.Generator(device=device).manual_seed(0)
+    sequences = min(SEQUENCES, tokens)
+    shape = (sequences, max(1, tokens // sequences))
+    kw = {"generator": g, "device": device}
+    labels = torch.randint(0, vocab, shape, **kw)
+    ref_logprobs = -torch.rand(shape, **kw) * 10
+    if loss in LINEAR_LOSSES:
+        h = torch.randn(*shape, hidden, dtype=dtype, **kw)
+        w = torch.randn(vocab, hidden, dtype=dtype, **kw) * hidden**-0.5
+        ref = torch.randn(*shape, hidden, dtype=dtype, **kw) if loss == "linear_kl" else None
+        return Batch(
+            labels,
+            ref_logprobs,
+            hidden=h.requires_grad_(),
+            weight=w.requires_grad_(),
+            ref_hidden=ref,
+        )
+    logits = torch.randn(*shape, vocab, dtype=dtype, **kw).requires_grad_()
+    ref_logits = torch.randn(*shape, vocab, dtype=dtype, **kw) if loss in ("kl", "undial") else None
+    return Batch(labels, ref_logprobs, logits=logits, ref_logits=ref_logits)
+
+
+def _slice(batch: Batch) -> Batch:
+    """The first sequence's first rows: the batch for the error check."""
+    rows = (slice(0, 1), slice(0, CHECK_ROWS))
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach()[rows].clone()
+
+    return dataclasses.replace(
+        batch,
+        labels=batch.labels[rows].clone(),
+        ref_logprobs=batch.ref_logprobs[rows].clone(),
+        logits=cut(batch.logits),
+        ref_logits=cut(batch.ref_logits),
+        hidden=cut(batch.hidden),
+        weight=None if batch.weight is None else batch.weight.detach(),
+        ref_hidden=cut(batch.ref_hidden),
+    )
+
+
+def _as_float64(batch: Batch) -> Batch:
+    def up(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None or not t.is_floating_point() else t.double()
+
+    return dataclasses.replace(
+        batch,
+        logits=up(batch.logits),
+        ref_logits=up(batch.ref_logits),
+        hidden=up(batch.hidden),
+        weight=up(batch.weight),
+        ref_hidden=up(batch.ref_hidden),
+    )
+
+
+def _private(batch: Batch) -> Batch:
+    """A copy of the logits for an implementation whose backward overwrites them."""
+    assert batch.logits is not None
+    copy = batch.logits.detach().clone().requires_grad_(batch.logits.requires_grad)
+    return dataclasses.replace(batch, logits=copy)
+
+
+def _measure(fn, batch: Batch, timer: Timer, repeats: int, device) -> dict:
+    inputs = batch.inputs
+
+    def both() -> None:
+        torch.autograd.grad(fn(batch), inputs)
+
+    backward: list[float] = []
+    for _ in range(repeats + 1):
+        loss = fn(batch)
+        backward.append(timer(functools.partial(torch.autograd.grad, loss, inputs)))
+    return {
+        "fwd_ms": timer.median(lambda: fn(batch), repeats),
+        "bwd_ms": sorted(backward[1:])[len(backward[1:]) // 2],
+        "fwd+bwd_ms": timer.median(both, repeats),
+        "peak_extra_mib": peak_extra_bytes(both, device) / 2**20,
+    }
+
+
+def _bandwidth(loss: str, batch: Batch, ms: float, copy_gbps: float) -> dict:
+    per_element = traffic(loss)
+    if per_element is None or batch.logits is None:
+        return {"gb_per_s": math.nan, "copy_fraction": math.nan}
+    moved = batch.logits.numel() * batch.logits.element_size() * per_element["fwd+bwd"]
+    gbps = moved / (ms / 1e3) / 1e9
+    return {"gb_per_s": gbps, "copy_fraction": gbps / copy_gbps}
+
+
+def _header(device, tokens: int, hidden: int, repeats: int, bandwidth: float) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    triton_version = "not installed"
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    return (
+        f"{name}; torch {torch.__version__}, Triton {triton_version}, Python "
+        f"{platform.python_version()}; {tokens} tokens in {SEQUENCES} sequences, H = {hidden}; "
+        f"median of {repeats}; copy bandwidth {bandwidth:.1f} GB/s; "
+        f"{datetime.date.today().isoformat()}"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
