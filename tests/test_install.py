@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,9 @@ def test_the_package_type_checks():
         text=True,
     )
     assert done.returncode == 0, done.stdout
+
+
+def test_the_api_page_documents_every_public_name():
+    page = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^        - (\w+)$", page, re.MULTILINE))
+    assert set(unlearning_losses.__all__) <= documented
