@@ -8,6 +8,7 @@ first, so every rank returns the whole batch's value (SPEC §7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -39,14 +40,7 @@ def token_reduce(
 ) -> Tensor:
     """Reduce per-token values: ``mean`` over valid tokens (or ``sum / num_items_in_batch``),
     ``sum``, or ``none`` (the values, 0 at invalid positions)."""
-    if reduction == "none":
-        return values.masked_fill(~valid, 0.0)
-    total = sharding.sum_over_tokens(masked_sum(values, valid))
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is None:
-        return divide_by_count(total, sharding.sum_over_tokens(valid.sum()))
-    return divide_by_count(total, num_items_in_batch)
+    return _reduce(values, valid, reduction, num_items_in_batch, sharding.sum_over_tokens)
 
 
 def sequence_sums(
@@ -72,11 +66,20 @@ def sequence_reduce(
 ) -> Tensor:
     """Reduce per-sequence values over the sequences that have at least one valid token; with
     ``num_sequences`` (a global count, data parallel) the mean divides the sum by it."""
+    return _reduce(values, nonempty, reduction, num_sequences, sharding.sum_over_sequences)
+
+
+def _reduce(
+    values: Tensor,
+    counted: Tensor,
+    reduction: str,
+    count: int | Tensor | None,
+    over_ranks: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """``none``, ``sum`` or ``mean`` of the ``counted`` values, sums taken ``over_ranks``."""
     if reduction == "none":
-        return values.masked_fill(~nonempty, 0.0)
-    total = sharding.sum_over_sequences(masked_sum(values, nonempty))
+        return values.masked_fill(~counted, 0.0)
+    total = over_ranks(masked_sum(values, counted))
     if reduction == "sum":
         return total
-    if num_sequences is None:
-        return divide_by_count(total, sharding.sum_over_sequences(nonempty.sum()))
-    return divide_by_count(total, num_sequences)
+    return divide_by_count(total, over_ranks(counted.sum()) if count is None else count)
