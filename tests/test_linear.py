@@ -180,12 +180,30 @@ def test_bfloat16_matches_the_float64_reference(name):
     torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_frozen_head_gets_no_gradient_and_costs_none():
+def test_a_frozen_head_gets_no_gradient_and_costs_none(monkeypatch):
+    """A frozen head allocates no (V, H) accumulator; the hidden states' gradient is the one a
+    trainable head gives."""
+    from unlearning_losses.ops import linear as fused
+
+    allocated = []
+    real_init = fused._Gradients.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        allocated.append(self.weight is not None)
+
+    monkeypatch.setattr(fused._Gradients, "__init__", recording_init)
     h = torch.randn(2, 5, 8, requires_grad=True)
-    W = torch.randn(20, 8)
     labels = torch.randint(0, 20, (2, 5))
-    ul.linear_ga_loss(h, W, labels).backward()
-    assert W.grad is None and h.grad is not None
+    trained = torch.randn(20, 8, requires_grad=True)
+    ul.linear_ga_loss(h, trained, labels).backward()
+    assert allocated == [True] and trained.grad is not None  # the control: a head accumulator
+    expected, h.grad = h.grad, None
+    allocated.clear()
+    frozen = trained.detach()
+    ul.linear_ga_loss(h, frozen, labels).backward()
+    assert allocated == [False] and frozen.grad is None
+    torch.testing.assert_close(h.grad, expected)
 
 
 @pytest.mark.parametrize(
