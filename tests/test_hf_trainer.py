@@ -29,7 +29,9 @@ def test_trainer_loss_is_the_librarys_and_forget_nll_rises(method, tmp_path):
     )
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
-    count = batch["labels"][:, 1:].ne(-100).sum()
+    # A global count unlike the local one (as with accumulation or data parallel): a
+    # compute_loss that ignored it would fail.
+    count = 2 * batch["labels"][:, 1:].ne(-100).sum()
     with torch.no_grad():
         got = trainer.compute_loss(model, batch, num_items_in_batch=count)
         forget_logits = model(input_ids=batch["forget_input_ids"]).logits
@@ -45,9 +47,11 @@ def test_trainer_loss_is_the_librarys_and_forget_nll_rises(method, tmp_path):
             forget = ga_loss(forget_logits, batch["forget_labels"])
         if method == "ga+kl":
             ref_logits = trainer.ref_model(input_ids=batch["input_ids"]).logits
-            retain = kl_divergence(retain_logits, ref_logits, batch["labels"])
+            retain = kl_divergence(
+                retain_logits, ref_logits, batch["labels"], num_items_in_batch=count
+            )
         else:
-            retain = nll_loss(retain_logits, batch["labels"])
+            retain = nll_loss(retain_logits, batch["labels"], num_items_in_batch=count)
     torch.testing.assert_close(got, combine_with_retain(forget, retain))
 
     before = hf_trainer.forget_nll(model, forget_ids, forget_labels)
