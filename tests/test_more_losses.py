@@ -227,15 +227,25 @@ def test_undial_without_lowering_has_the_gradient_of_reverse_kl(case):
 
 @given(batches(min_vocab=2, dtypes=[torch.float64]), st.sampled_from([0.0, 10.0]))
 def test_soft_target_gradients_sum_to_zero_per_row(case, beta):
-    """d/dz of CE(q, p) is p - q: it sums to 0 over the vocabulary, and is >= 0 at the label
-    for UNDIAL and CE-U alike (the label's target mass only shrinks)."""
+    """d/dz of CE(q, p) is p - q: it sums to 0 over the vocabulary. At the label it is >= 0
+    where the target lowers the model's own label mass: CE-U always (q_y = 0), UNDIAL with the
+    model as its reference (q_y <= p_y for beta >= 0)."""
     assume(_every_scored_row_keeps_two_entries(case))
-    for fn in (
-        lambda x: undial_loss(x, case.ref_logits, case.labels, beta=beta, shift=case.shift),
-        lambda x: ceu_loss(x, case.labels, shift=case.shift),
+    _, labels, valid, _ = ref.align(case.logits, case.labels, case.shift)
+    for lowers_label, fn in (
+        (
+            False,
+            lambda x: undial_loss(x, case.ref_logits, case.labels, beta=beta, shift=case.shift),
+        ),
+        (True, lambda x: undial_loss(x, x.detach(), case.labels, beta=beta, shift=case.shift)),
+        (True, lambda x: ceu_loss(x, case.labels, shift=case.shift)),
     ):
         _, grad = value_and_grad(fn, case.logits, 1.0)
         torch.testing.assert_close(grad.sum(-1), torch.zeros_like(grad.sum(-1)), atol=1e-12, rtol=0)
+        if lowers_label:
+            rows = ref.align(grad, case.labels, case.shift)[0][valid]
+            at_label = rows.gather(1, labels[valid][:, None]).squeeze(1)
+            assert (at_label >= -1e-15).all()
 
 
 def _rmu_inputs(seed: int, dtype: torch.dtype = torch.float64):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from unlearning_losses import kl_divergence, token_logprobs
+from unlearning_losses.bench.measure import peak_extra_bytes
 from unlearning_losses.ops import chunked
 from unlearning_losses.testing import reference as ref
 from unlearning_losses.testing.compare import assert_close_to_reference
@@ -97,10 +100,21 @@ def test_gradcheck_in_float64(direction):
     )
 
 
-def test_shift_reads_a_view_and_zeroes_the_last_positions_gradient():
+def test_shift_reads_a_view_and_zeroes_the_last_positions_gradient(monkeypatch):
     logits = torch.randn(2, 5, 7, requires_grad=True)
     labels = torch.randint(0, 7, (2, 5))
-    token_logprobs(logits, labels).sum().backward()
+    seen = []
+    real_forward = chunked.logprobs_forward
+
+    def spy(x, targets, valid):
+        seen.append(x)
+        return real_forward(x, targets, valid)
+
+    monkeypatch.setattr(chunked, "logprobs_forward", spy)
+    token_logprobs(logits, labels, backend="torch").sum().backward()
+    # The kernel got the caller's own storage, unshifted: it reads rows [:, :T-1] in place.
+    (read,) = seen
+    assert read.data_ptr() == logits.data_ptr() and read.shape == logits.shape
     assert logits.grad.shape == logits.shape
     assert (logits.grad[:, -1] == 0).all()
     assert (logits.grad[:, :-1] != 0).any()
@@ -115,8 +129,16 @@ def test_nan_logits_propagate():
     assert torch.isnan(kl_divergence(torch.randn(1, 3, 5), logits, labels, reduction="none")[0, 0])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_gradient_of_bf16_logits_is_bf16_and_needs_no_float32_copy():
-    logits = torch.randn(2, 9, 11, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 11, (2, 9))
-    token_logprobs(logits, labels).sum().backward()
+    """The peak memory of forward+backward beyond the inputs is the bf16 gradient and chunks:
+    a float32 copy of the logits would add twice their size."""
+    logits = torch.randn(4, 257, 32000).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 32000, (4, 257))
+    extra = peak_extra_bytes(
+        lambda: token_logprobs(logits, labels, backend="torch").sum().backward(),
+        torch.device("cpu"),
+    )
     assert logits.grad.dtype == torch.bfloat16
+    logits_bytes = logits.numel() * logits.element_size()
+    assert extra < 1.5 * logits_bytes, f"{extra / 2**20:.0f} MiB for {logits_bytes / 2**20:.0f} MiB"
