@@ -223,6 +223,20 @@ def _check_refusals(rank: int) -> None:
             r"weight is a DTensor with placements \(Shard\(dim=0\),\)",
         ),
         (lambda: ul.ga_loss(logits, labels, vocab_group="tp"), r"vocab_group must be a"),
+        (
+            lambda: ul.ga_loss(by_vocab, labels, backend="triton"),
+            r'backend="triton" has no vocabulary-parallel path',
+        ),
+        (
+            lambda: ul.kl_divergence(
+                logits[..., :3],
+                ref_logits[..., :3],
+                labels.clamp(max=2),
+                vocab_group=line.get_group(),
+                inplace_backward=True,
+            ),
+            r"inplace_backward=True is not available with vocab_group",
+        ),
     ]
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):

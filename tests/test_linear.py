@@ -280,3 +280,40 @@ def test_a_second_backward_through_a_fused_token_mean_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match=r'differentiated already.*reduction="none"'):
         loss.backward()
+
+
+@pytest.mark.parametrize("loss", ["npo_sequence", "npo_token", "simnpo"])
+def test_fused_linear_sequence_losses_take_global_counts(loss):
+    """Two halves of a batch, each divided by the whole batch's count, add up to the whole."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 20, (4, 6), generator=g)
+    labels[0, :4] = -100
+    labels[3] = -100  # an empty sequence: not counted
+    ref_lp = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    counts = ul.global_counts(labels)
+    fns = {
+        "npo_sequence": lambda h, y, r, **kw: ul.linear_npo_loss(h, W, y, ref_logprobs=r, **kw),
+        "npo_token": lambda h, y, r, **kw: ul.linear_npo_loss(
+            h, W, y, ref_logprobs=r, granularity="token", **kw
+        ),
+        "simnpo": lambda h, y, r, **kw: ul.linear_simnpo_loss(h, W, y, **kw),
+    }
+    fn = fns[loss]
+    count = (
+        {"num_items_in_batch": counts.tokens}
+        if loss == "npo_token"
+        else {"num_sequences": counts.sequences}
+    )
+    whole = fn(h, labels, ref_lp)
+    halves = fn(h[:2], labels[:2], ref_lp[:2], **count) + fn(h[2:], labels[2:], ref_lp[2:], **count)
+    torch.testing.assert_close(halves, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_rows_is_checked_without_labels_too():
+    h, W = torch.randn(2, 3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"chunk_rows must be >= 1; got -1"):
+        ul.linear_kl_divergence(h, W, h, chunk_rows=-1)
+    with pytest.raises(TypeError, match=r"chunk_rows must be an int; got float"):
+        ul.linear_kl_divergence(h, W, h, chunk_rows=1.5)

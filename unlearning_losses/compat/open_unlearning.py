@@ -325,7 +325,8 @@ def undial_loss(
         ref_forget_logits, forget_logits, "ref_forget_logits", "forget_logits"
     )
     vocab = tokens.logits.shape[-1]
-    if bool((tokens.targets < -vocab).any()):
+    # Decided from ignore_index alone, without reading the labels: no device sync.
+    if ignore_index < -vocab:
         raise ValueError(
             f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
             f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"

@@ -21,15 +21,16 @@ def combine_with_retain(
     $$
 
     Every forget loss of this library is already a value to minimize (e.g. :func:`ga_loss` is the
-    negative NLL), so the weights are plain non-negative trade-offs: SOUL's GA+FT is
-    ``combine_with_retain(ga_loss(...), nll_loss(...), retain_weight=gamma)``.
+    negative NLL), so the weights are plain trade-offs, normally non-negative: SOUL's GA+FT is
+    ``combine_with_retain(ga_loss(...), nll_loss(...), retain_weight=gamma)``. A negative weight
+    is accepted (a schedule may pass through 0 and below) and turns that term's direction.
 
     Args:
         forget_loss: a tensor, usually a scalar from a forget loss.
         retain_loss: a tensor broadcastable with it, usually :func:`nll_loss` or
             :func:`kl_divergence` on the retain set.
-        forget_weight: finite real numbers.
-        retain_weight: finite real numbers.
+        forget_weight: a finite real number (negative turns the forget term around).
+        retain_weight: a finite real number (negative turns the retain term around).
 
     Returns:
         ``forget_weight * forget_loss + retain_weight * retain_loss``.

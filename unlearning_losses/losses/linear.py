@@ -18,7 +18,7 @@ from .. import _checks, _tokens, sharding
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
-from .npo import GRANULARITIES, Granularity, npo_from_logprobs
+from .npo import GRANULARITIES, Granularity, check_npo_count, npo_from_logprobs
 from .simnpo import simnpo_from_logprobs
 
 
@@ -43,9 +43,13 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
         vocab_size=weight.shape[0],
         vocab_parallel=False,
     )
+    _check_chunk_rows(chunk_rows)
+    return tokens, weight, bias
+
+
+def _check_chunk_rows(chunk_rows: object) -> None:
     if chunk_rows is not None and (_checks.check_int(chunk_rows, "chunk_rows") < 1):
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
-    return tokens, weight, bias
 
 
 def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
@@ -187,6 +191,8 @@ def linear_npo_loss(
     ignore_index: int = -100,
     shift: bool = True,
     reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    num_sequences: int | Tensor | None = None,
     chunk_rows: int | None = None,
     validate: bool = False,
 ) -> Tensor:
@@ -204,6 +210,7 @@ def linear_npo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    count = check_npo_count(num_items_in_batch, num_sequences, granularity, reduction, tokens)
     if (ref_logprobs is None) == (ref_hidden is None):
         raise ValueError(
             "give exactly one of ref_logprobs or ref_hidden; got "
@@ -222,7 +229,7 @@ def linear_npo_loss(
         ref = ref.detach().reshape(tokens.targets.shape)
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
     result = npo_from_logprobs(
-        logprobs, ref, tokens.valid, beta, granularity, reduction, sharding=tokens.sharding
+        logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
     )
     return tokens.unflatten(result) if granularity == "token" else tokens.per_sequence(result)
 
@@ -238,6 +245,7 @@ def linear_simnpo_loss(
     ignore_index: int = -100,
     shift: bool = True,
     reduction: Reduction = "mean",
+    num_sequences: int | Tensor | None = None,
     chunk_rows: int | None = None,
     validate: bool = False,
 ) -> Tensor:
@@ -248,11 +256,10 @@ def linear_simnpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
+    count = _checks.check_mean_count(num_sequences, tokens.logits, reduction, "num_sequences")
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
     return tokens.per_sequence(
-        simnpo_from_logprobs(
-            logprobs, tokens.valid, beta, delta, reduction, sharding=tokens.sharding
-        )
+        simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
     )
 
 
@@ -280,6 +287,7 @@ def linear_kl_divergence(
         hidden = _checks.check_logits(hidden, "hidden")
         weight, bias = _head(weight, bias, hidden)
         tokens = _tokens.align_all_positions(hidden, name="hidden", vocab_parallel=False)
+        _check_chunk_rows(chunk_rows)
     else:
         tokens, weight, bias = _align(
             hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows

@@ -56,6 +56,7 @@ def label_logprobs(
     if vocab is not None:
         from . import vocab_parallel
 
+        _refuse_with_vocab_shards(backend, inplace_backward)
         return vocab_parallel.VocabParallelLogprobs.apply(logits, targets, valid, vocab)
     which = resolve_backend(backend, logits)
     out, _ = custom_ops.logprobs(logits, targets, valid, which, inplace_backward)
@@ -80,6 +81,7 @@ def token_kl(
     if vocab is not None:
         from . import vocab_parallel
 
+        _refuse_with_vocab_shards(backend, inplace_backward)
         return vocab_parallel.VocabParallelTokenKL.apply(
             logits, ref_logits, valid, forward_kl, vocab.group
         )
@@ -105,6 +107,20 @@ def soft_target_cross_entropy(
     which = resolve_backend(backend, logits)
     out, _, _ = custom_ops.soft_target_ce(logits, ref_logits, targets, valid, label_shift, which)
     return out
+
+
+def _refuse_with_vocab_shards(backend: str, inplace_backward: bool) -> None:
+    """The vocabulary-parallel path is chunked PyTorch with its own gradient buffer."""
+    if backend == "triton":
+        raise ValueError(
+            'backend="triton" has no vocabulary-parallel path: with vocab_group (or logits '
+            'sharded on the vocabulary) use backend="auto" or "torch"'
+        )
+    if inplace_backward:
+        raise ValueError(
+            "inplace_backward=True is not available with vocab_group (or logits sharded on the "
+            "vocabulary): that path writes its own gradient buffer"
+        )
 
 
 def _require_triton(logits: Tensor) -> None:
