@@ -1,17 +1,42 @@
-"""What the Triton launchers share: tile size, the row grid, per-row targets."""
+"""What the Triton kernels and launchers share: the online log-sum-exp step, tile size, the row
+grid, per-row targets."""
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 #: The widest vocabulary tile a program loads at once; V larger than this is walked in tiles.
 MAX_BLOCK_V = 4096
 
 
-def block_size(vocab: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+@triton.jit
+def online_lse_step(running_max, x):
+    """One tile of an online log-sum-exp over a row, the state a scalar maximum.
+
+    Returns the new running maximum, the factor that rescales the running sum to it and
+    ``exp(x - maximum)``: one exponential per element and one per tile. A maximum of ``-inf``
+    (nothing but masked entries so far) is taken as 0, so no ``-inf - -inf`` arises and such
+    entries weigh exactly 0; NaN propagates.
+    """
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, tl.exp(running_max - shift), tl.exp(x - shift)
+
+
+@triton.jit
+def finite_max(running_max):
+    """The running maximum with ``-inf`` (an all-masked row) read as 0, as the step does."""
+    return tl.where(running_max == float("-inf"), 0.0, running_max)
+
+
+def block_size(vocab: int, inputs: int = 1) -> int:
+    """The vocabulary tile: a kernel that reads ``inputs`` logit tensors per element (KL: the
+    model's and the reference's) takes a tile that many times narrower, so that its live values
+    fit 128 registers per thread at the launchers' warp count (two blocks per SM)."""
+    return min(MAX_BLOCK_V // inputs, triton.next_power_of_2(vocab))
 
 
 def row_targets(targets: Tensor, valid: Tensor) -> Tensor:
@@ -29,5 +54,9 @@ def launch_rows(kernel, valid: Tensor, *args, **meta) -> None:
     rows = valid.numel()
     if rows == 0:
         return
-    num_warps = 8 if meta["BLOCK_V"] >= 2048 else 4
-    kernel[(rows,)](*args, num_warps=num_warps, **meta)
+    kernel[(rows,)](*args, num_warps=num_warps(meta["BLOCK_V"]), **meta)
+
+
+def num_warps(block_v: int) -> int:
+    """Warps per program for a tile of ``block_v`` logits (what every launcher uses)."""
+    return 8 if block_v >= 2048 else 4

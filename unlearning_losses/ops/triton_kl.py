@@ -5,8 +5,9 @@ One program per row of ``logits[:, :L]`` and ``ref_logits[:, :L]`` (strided, int
 
     KL(P || Q) = sum_v p_v (z_v - z_ref_v) - lse + lse_ref,
 
-so the forward needs one pass over the vocabulary keeping, per lane, online maxima and sums for
-both log-sum-exps and the weighted sum of logit differences (rescaled as the maximum grows).
+so the forward needs one pass over the vocabulary keeping, per row, scalar online maxima and sums
+for both log-sum-exps and the weighted sum of logit differences (rescaled as a maximum grows):
+two exponentials per logit pair.
 ``-inf`` entries (masked vocabulary) are floored at the lowest finite float32 so that a zero weight
 times their difference is 0; NaN stays NaN. The backward recomputes both softmaxes from the saved
 log-sum-exps in one pass:
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import block_size, launch_rows, row_targets
+from ._triton_common import block_size, finite_max, launch_rows, online_lse_step, row_targets
 
 FLOOR = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 
@@ -76,13 +77,9 @@ def _kl_forward_kernel(
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
     offsets = tl.arange(0, BLOCK_V)
-    # Per lane: running maxima m, sums s of exp(z - m), and the weighted difference sum w, taken
-    # under the distribution that weights the KL (P for forward, Q for reverse).
-    m = tl.full([BLOCK_V], FLOOR, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    m_ref = tl.full([BLOCK_V], FLOOR, tl.float32)
-    s_ref = tl.zeros([BLOCK_V], tl.float32)
-    w = tl.zeros([BLOCK_V], tl.float32)
+    # Running maxima m, sums s of exp(z - m), and the weighted difference sum w, taken under the
+    # distribution that weights the KL (P for forward, Q for reverse, Q for the soft target).
+    m, s, m_ref, s_ref, w = -float("inf"), 0.0, -float("inf"), 0.0, 0.0
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
         in_vocab = columns < vocab
@@ -94,32 +91,26 @@ def _kl_forward_kernel(
         ).to(tl.float32)
         if SOFT_TARGET:
             z_ref = _soft_target(z_ref, columns, target, label_shift)
-        new_m = tl.maximum(m, z)
-        new_m_ref = tl.maximum(m_ref, z_ref)
-        rescale, rescale_ref = tl.exp(m - new_m), tl.exp(m_ref - new_m_ref)
         # exp of the raw logits: -inf entries and lanes past V weigh exactly 0.
-        e, e_ref = tl.exp(z - new_m), tl.exp(z_ref - new_m_ref)
+        m, rescale, e = online_lse_step(m, z)
+        m_ref, rescale_ref, e_ref = online_lse_step(m_ref, z_ref)
         if SOFT_TARGET:
-            w = w * rescale_ref - e_ref * _floored(z)
+            w = w * rescale_ref - tl.sum(e_ref * _floored(z), axis=0)
         elif FORWARD_KL:
-            w = w * rescale + e * (_floored(z) - _floored(z_ref))
+            w = w * rescale + tl.sum(e * (_floored(z) - _floored(z_ref)), axis=0)
         else:
-            w = w * rescale_ref - e_ref * (_floored(z) - _floored(z_ref))
-        s = s * rescale + e
-        s_ref = s_ref * rescale_ref + e_ref
-        m, m_ref = new_m, new_m_ref
-    row_m, row_m_ref = tl.max(m, axis=0), tl.max(m_ref, axis=0)
-    lane_scale, lane_scale_ref = tl.exp(m - row_m), tl.exp(m_ref - row_m_ref)
-    total, total_ref = tl.sum(s * lane_scale, axis=0), tl.sum(s_ref * lane_scale_ref, axis=0)
-    lse = row_m + tl.log(total)
-    lse_ref = row_m_ref + tl.log(total_ref)
+            w = w * rescale_ref - tl.sum(e_ref * (_floored(z) - _floored(z_ref)), axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
+        s_ref = s_ref * rescale_ref + tl.sum(e_ref, axis=0)
+    lse = finite_max(m) + tl.log(s)
+    lse_ref = finite_max(m_ref) + tl.log(s_ref)
     if SOFT_TARGET:
-        kl = tl.sum(w * lane_scale_ref, axis=0) / total_ref + lse
+        kl = w / s_ref + lse
         kl = tl.where(target < vocab, kl, float("nan"))
     elif FORWARD_KL:
-        kl = tl.sum(w * lane_scale, axis=0) / total - lse + lse_ref
+        kl = w / s - lse + lse_ref
     else:
-        kl = tl.sum(w * lane_scale_ref, axis=0) / total_ref - lse_ref + lse
+        kl = w / s_ref - lse_ref + lse
     tl.store(out_ptr + row, kl)
     tl.store(lse_ptr + row, lse)
     tl.store(ref_lse_ptr + row, lse_ref)
@@ -237,7 +228,7 @@ def kl_forward(
         *ref_logits.stride(),
         FORWARD_KL=forward_kl,
         SOFT_TARGET=targets is not None,
-        BLOCK_V=block_size(logits.shape[-1]),
+        BLOCK_V=block_size(logits.shape[-1], inputs=2),
     )
     return out, lse, ref_lse
 
@@ -280,5 +271,5 @@ def kl_backward(
         *grad.stride(),
         FORWARD_KL=forward_kl and targets is None,
         SOFT_TARGET=targets is not None,
-        BLOCK_V=block_size(logits.shape[-1]),
+        BLOCK_V=block_size(logits.shape[-1], inputs=2),
     )

@@ -2,7 +2,8 @@
 
 One program per row ``(b, t)`` of ``logits[:, :L]``, read through its batch, time and vocabulary
 strides (so the causal-LM shift is a view, never a copy) with int64 offsets. The forward makes one
-pass over the vocabulary in tiles with an online log-sum-exp in float32; the backward recomputes
+pass over the vocabulary in tiles with an online log-sum-exp in float32 (a scalar running maximum
+per row: one exponential per logit); the backward recomputes
 the softmax from the saved log-sum-exp in one more pass and stores the gradient in the logits'
 dtype. Rows whose target is negative (ignored) get 0 and a zero gradient; a target >= V is never
 read and gives NaN.
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import block_size, launch_rows, row_targets
+from ._triton_common import block_size, finite_max, launch_rows, online_lse_step, row_targets
 from .chunked import floored_logprob
 
 
@@ -41,22 +42,16 @@ def _logprobs_forward_kernel(
         return
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     offsets = tl.arange(0, BLOCK_V)
-    running_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK_V], tl.float32)
+    running_max = -float("inf")
+    running_sum = 0.0
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
         x = tl.load(
             base + columns.to(tl.int64) * stride_logits_v, mask=columns < vocab, other=float("-inf")
         ).to(tl.float32)
-        new_max = tl.maximum(running_max, x)
-        # Lanes that have seen only -inf keep a zero sum (no -inf - -inf).
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(x - safe_max)
-        running_max = new_max
-    row_max = tl.max(running_max, axis=0)
-    safe_row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(running_sum * tl.exp(running_max - safe_row_max), axis=0)
-    lse = safe_row_max + tl.log(total)
+        running_max, rescale, e = online_lse_step(running_max, x)
+        running_sum = running_sum * rescale + tl.sum(e, axis=0)
+    lse = finite_max(running_max) + tl.log(running_sum)
     in_range = target < vocab
     label_logit = tl.load(
         base + target.to(tl.int64) * stride_logits_v, mask=in_range, other=float("nan")
