@@ -36,8 +36,8 @@ KERNELS = [
             ("KL backward", triton_kl._kl_backward_kernel),
         )
         for name, flags in (
-            ("(P||Q)", {"FORWARD_KL": True, "SOFT_TARGET": False}),
-            ("(Q||P)", {"FORWARD_KL": False, "SOFT_TARGET": False}),
+            ("(forward)", {"FORWARD_KL": True, "SOFT_TARGET": False}),
+            ("(reverse)", {"FORWARD_KL": False, "SOFT_TARGET": False}),
             ("(soft target)", {"FORWARD_KL": False, "SOFT_TARGET": True}),
         )
     ),
