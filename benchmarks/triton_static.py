@@ -52,10 +52,11 @@ class Config:
     arch: int
     dtype: str
     block_v: int
+    inputs: int
 
     @property
     def num_warps(self) -> int:
-        return _triton_common.num_warps(self.block_v)
+        return _triton_common.num_warps(self.block_v, self.inputs)
 
     @property
     def id(self) -> str:
@@ -73,12 +74,12 @@ def configs(
     vocabs=(32000, 128256, 256000), dtypes=("bf16", "fp32"), archs=(80, 90)
 ) -> Iterator[Config]:
     """One configuration per distinct (kernel, arch, dtype, tile) the launchers would pick."""
+    tiles = sorted({_triton_common.block_size(v) for v in vocabs})
     for name, kernel, flags, inputs in KERNELS:
-        tiles = sorted({_triton_common.block_size(v, inputs) for v in vocabs})
         for arch in archs:
             for dtype in dtypes:
                 for block_v in tiles:
-                    yield Config(name, kernel, flags, arch, dtype, block_v)
+                    yield Config(name, kernel, flags, arch, dtype, block_v, inputs)
 
 
 def _signature(kernel, dtype: str) -> dict[str, str]:

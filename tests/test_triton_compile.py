@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90a (no GPU needed), in bfloat16 and
 float32, at the tiles and warp counts the launchers pick for V = 32000, 128256 and 256000: no
-spills, at most 128 registers per thread (two blocks per SM), and one exponential per logit in
+spills, registers that let two programs share an SM (65,536 registers: 128 per thread at 8
+warps, 64 at 16), and one exponential per logit in
 the log-prob forward (two per logit pair in the KL forward), plus a scalar rescale per tile.
 
 The compiler runs in a subprocess: this test session interprets the kernels on the CPU
@@ -50,7 +51,8 @@ def figures() -> dict[str, dict]:
 def test_kernel_compiles_without_spills_within_registers_and_exps(config, figures):
     found = figures[config.id]
     assert found["spilled_bytes"] == 0
-    assert found["registers"] <= 128
+    threads = 32 * config.num_warps
+    assert found["registers"] * threads * 2 <= 65536
     for prefix, limit in EXPS_PER_LOGIT.items():
         if config.name.startswith(prefix):
             assert found["exps_per_element"] <= limit

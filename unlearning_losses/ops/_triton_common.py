@@ -32,11 +32,8 @@ def finite_max(running_max):
     return tl.where(running_max == float("-inf"), 0.0, running_max)
 
 
-def block_size(vocab: int, inputs: int = 1) -> int:
-    """The vocabulary tile: a kernel that reads ``inputs`` logit tensors per element (KL: the
-    model's and the reference's) takes a tile that many times narrower, so that its live values
-    fit 128 registers per thread at the launchers' warp count (two blocks per SM)."""
-    return min(MAX_BLOCK_V // inputs, triton.next_power_of_2(vocab))
+def block_size(vocab: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
 
 
 def row_targets(targets: Tensor, valid: Tensor) -> Tensor:
@@ -49,14 +46,18 @@ def row_targets(targets: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, targets.masked_fill(targets < 0, out_of_range), -1).reshape(-1)
 
 
-def launch_rows(kernel, valid: Tensor, *args, **meta) -> None:
-    """Launch ``kernel`` with one program per row of ``valid`` (none for an empty selection)."""
+def launch_rows(kernel, valid: Tensor, *args, inputs: int = 1, **meta) -> None:
+    """Launch ``kernel`` with one program per row of ``valid`` (none for an empty selection);
+    ``inputs``: the logit tensors it reads per element."""
     rows = valid.numel()
     if rows == 0:
         return
-    kernel[(rows,)](*args, num_warps=num_warps(meta["BLOCK_V"]), **meta)
+    kernel[(rows,)](*args, num_warps=num_warps(meta["BLOCK_V"], inputs), **meta)
 
 
-def num_warps(block_v: int) -> int:
-    """Warps per program for a tile of ``block_v`` logits (what every launcher uses)."""
-    return 8 if block_v >= 2048 else 4
+def num_warps(block_v: int, inputs: int = 1) -> int:
+    """Warps per program for a tile of ``block_v`` logits. A kernel that reads ``inputs`` logit
+    tensors per element (KL: the model's and the reference's) spreads a wide tile over that many
+    times the warps, so that each thread's live values stay within the registers that let two
+    programs share an SM."""
+    return 8 * inputs if block_v >= 2048 else 4

@@ -228,7 +228,8 @@ def kl_forward(
         *ref_logits.stride(),
         FORWARD_KL=forward_kl,
         SOFT_TARGET=targets is not None,
-        BLOCK_V=block_size(logits.shape[-1], inputs=2),
+        BLOCK_V=block_size(logits.shape[-1]),
+        inputs=2,
     )
     return out, lse, ref_lse
 
@@ -271,5 +272,6 @@ def kl_backward(
         *grad.stride(),
         FORWARD_KL=forward_kl and targets is None,
         SOFT_TARGET=targets is not None,
-        BLOCK_V=block_size(logits.shape[-1], inputs=2),
+        BLOCK_V=block_size(logits.shape[-1]),
+        inputs=2,
     )
