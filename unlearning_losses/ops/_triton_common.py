@@ -12,24 +12,19 @@ from torch import Tensor
 MAX_BLOCK_V = 4096
 
 
+#: Where a running maximum starts: the lowest finite float32, never -inf, so that no
+#: ``-inf - -inf`` arises; masked (-inf) entries then weigh exactly 0, and a row of nothing else
+#: ends with a sum of 0 and a log-sum-exp of -inf.
+LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
 @triton.jit
 def online_lse_step(running_max, x):
-    """One tile of an online log-sum-exp over a row, the state a scalar maximum.
-
-    Returns the new running maximum, the factor that rescales the running sum to it and
-    ``exp(x - maximum)``: one exponential per element and one per tile. A maximum of ``-inf``
-    (nothing but masked entries so far) is taken as 0, so no ``-inf - -inf`` arises and such
-    entries weigh exactly 0; NaN propagates.
-    """
+    """One tile of an online log-sum-exp over a row, the state a scalar maximum (from
+    ``LOWEST``): the new maximum, the factor that rescales the running sum to it, and
+    ``exp(x - maximum)``. One exponential per element and one per tile; NaN propagates."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    return new_max, tl.exp(running_max - shift), tl.exp(x - shift)
-
-
-@triton.jit
-def finite_max(running_max):
-    """The running maximum with ``-inf`` (an all-masked row) read as 0, as the step does."""
-    return tl.where(running_max == float("-inf"), 0.0, running_max)
+    return new_max, tl.exp(running_max - new_max), tl.exp(x - new_max)
 
 
 def block_size(vocab: int) -> int:

@@ -27,14 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import block_size, finite_max, launch_rows, online_lse_step, row_targets
-
-FLOOR = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
+from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
 
 
 @triton.jit
 def _floored(x):
-    return tl.where(x == float("-inf"), FLOOR, x)
+    return tl.where(x == float("-inf"), LOWEST, x)
 
 
 @triton.jit
@@ -79,7 +77,9 @@ def _kl_forward_kernel(
     offsets = tl.arange(0, BLOCK_V)
     # Running maxima m, sums s of exp(z - m), and the weighted difference sum w, taken under the
     # distribution that weights the KL (P for forward, Q for reverse, Q for the soft target).
-    m, s, m_ref, s_ref, w = -float("inf"), 0.0, -float("inf"), 0.0, 0.0
+    m = tl.full([], LOWEST, tl.float32)
+    m_ref = tl.full([], LOWEST, tl.float32)
+    s, s_ref, w = 0.0, 0.0, 0.0
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
         in_vocab = columns < vocab
@@ -102,8 +102,8 @@ def _kl_forward_kernel(
             w = w * rescale_ref - tl.sum(e_ref * (_floored(z) - _floored(z_ref)), axis=0)
         s = s * rescale + tl.sum(e, axis=0)
         s_ref = s_ref * rescale_ref + tl.sum(e_ref, axis=0)
-    lse = finite_max(m) + tl.log(s)
-    lse_ref = finite_max(m_ref) + tl.log(s_ref)
+    lse = m + tl.log(s)
+    lse_ref = m_ref + tl.log(s_ref)
     if SOFT_TARGET:
         kl = w / s_ref + lse
         kl = tl.where(target < vocab, kl, float("nan"))

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import block_size, finite_max, launch_rows, online_lse_step, row_targets
+from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
 from .chunked import floored_logprob
 
 
@@ -42,7 +42,7 @@ def _logprobs_forward_kernel(
         return
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     offsets = tl.arange(0, BLOCK_V)
-    running_max = -float("inf")
+    running_max = tl.full([], LOWEST, tl.float32)
     running_sum = 0.0
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
@@ -51,7 +51,7 @@ def _logprobs_forward_kernel(
         ).to(tl.float32)
         running_max, rescale, e = online_lse_step(running_max, x)
         running_sum = running_sum * rescale + tl.sum(e, axis=0)
-    lse = finite_max(running_max) + tl.log(running_sum)
+    lse = running_max + tl.log(running_sum)
     in_range = target < vocab
     label_logit = tl.load(
         base + target.to(tl.int64) * stride_logits_v, mask=in_range, other=float("nan")
