@@ -317,3 +317,52 @@ def test_chunk_rows_is_checked_without_labels_too():
         ul.linear_kl_divergence(h, W, h, chunk_rows=-1)
     with pytest.raises(TypeError, match=r"chunk_rows must be an int; got float"):
         ul.linear_kl_divergence(h, W, h, chunk_rows=1.5)
+
+
+@pytest.mark.parametrize(
+    "loss", ["token_logprobs", "ga", "nll", "npo", "simnpo", "kl_divergence", "kl_loss"]
+)
+def test_float64_heads_stay_float64_and_equal_the_logits_path(loss):
+    """A trainable float64 head and bias: values and every gradient equal the logits version's to
+    1e-12 (the head's gradient is accumulated in float64, not float32)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(11, generator=g, dtype=torch.float64)
+    ref_h = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :3] = -100
+    ref_lp = -torch.rand(3, 5, generator=g, dtype=torch.float64)
+    fused = {
+        "token_logprobs": lambda h, W, b: ul.linear_token_logprobs(h, W, labels, bias=b).sum(),
+        "ga": lambda h, W, b: ul.linear_ga_loss(h, W, labels, bias=b),
+        "nll": lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b),
+        "npo": lambda h, W, b: ul.linear_npo_loss(h, W, labels, bias=b, ref_logprobs=ref_lp),
+        "simnpo": lambda h, W, b: ul.linear_simnpo_loss(h, W, labels, bias=b),
+        "kl_divergence": lambda h, W, b: ul.linear_kl_divergence(
+            h, W, ref_h, labels=labels, bias=b, ref_bias=b.detach()
+        ),
+        "kl_loss": lambda h, W, b: ul.linear_kl_loss(
+            h, W, ref_h, labels=labels, bias=b, ref_bias=b.detach()
+        ),
+    }[loss]
+    on_logits = {
+        "token_logprobs": lambda z, zr: ul.token_logprobs(z, labels).sum(),
+        "ga": lambda z, zr: ul.ga_loss(z, labels),
+        "nll": lambda z, zr: ul.nll_loss(z, labels),
+        "npo": lambda z, zr: ul.npo_loss(z, labels, ref_logprobs=ref_lp),
+        "simnpo": lambda z, zr: ul.simnpo_loss(z, labels),
+        "kl_divergence": lambda z, zr: ul.kl_divergence(z, zr, labels),
+        "kl_loss": lambda z, zr: ul.kl_loss(z, zr, labels),
+    }[loss]
+    inputs = [t.clone().requires_grad_() for t in (h, W, bias)]
+    value = fused(*inputs)
+    grads = torch.autograd.grad(value, inputs)
+    plain = [t.clone().requires_grad_() for t in (h, W, bias)]
+    ref_logits = (ref_h @ W.T + bias).detach()
+    expected = on_logits(plain[0] @ plain[1].T + plain[2], ref_logits)
+    expected_grads = torch.autograd.grad(expected, plain)
+    assert value.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -74,29 +74,32 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtyp
 
 
 class _Gradients:
-    """float32 accumulators for the head and per-row hidden gradients."""
+    """Accumulators for the head (float32; float64 for a float64 head) and per-row hidden
+    gradients."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple):
         self.hidden = torch.empty_like(hidden) if needs[0] else None
         self.weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device)
             if needs[1]
             else None
         )
         self.bias = (
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            torch.zeros(
+                weight.shape[0], dtype=accumulation_dtype(weight.dtype), device=weight.device
+            )
             if bias is not None and needs[2]
             else None
         )
 
     def add(self, b: slice, t: slice, hidden: Tensor, weight: Tensor, grad_logits: Tensor) -> None:
-        """Accumulate one chunk: ``grad_logits`` is float32 ``(nb, nt, V)``."""
+        """Accumulate one chunk: ``grad_logits`` is ``(nb, nt, V)`` in the accumulation dtype."""
         flat = grad_logits.reshape(-1, grad_logits.shape[-1])
         if self.hidden is not None:
             # As the materialised path does: the logits' gradient in the head's dtype, then matmul.
             self.hidden[b, t] = (flat.to(weight.dtype) @ weight).view(self.hidden[b, t].shape)
         if self.weight is not None:
-            rows = hidden[b, t].reshape(-1, hidden.shape[-1]).to(torch.float32)
+            rows = hidden[b, t].reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
             self.weight.addmm_(flat.T, rows)
         if self.bias is not None:
             self.bias.add_(flat.sum(0))
