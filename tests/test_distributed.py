@@ -145,3 +145,19 @@ CHECKS = {"data_parallel": _check_data_parallel, "vocab_parallel": _check_vocab_
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_two_ranks_equal_one_process(check, tmp_path):
     run_on_ranks(CHECKS[check], WORLD, tmp_path)
+
+
+def test_global_counts_over_micro_batches_equal_the_counts_of_their_union():
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 9, (2, 5), generator=g)
+    second = torch.randint(0, 9, (3, 7), generator=g)  # another length: a list, not a stack
+    first[0, :3] = -100
+    second[1] = -100
+    together = global_counts([first, second])
+    apart = [global_counts(first), global_counts(second)]
+    assert int(together.tokens) == sum(int(c.tokens) for c in apart) == 4 * 2 - 2 + 6 * 3 - 6
+    assert int(together.sequences) == sum(int(c.sequences) for c in apart) == 4
+    with pytest.raises(ValueError, match=r"labels must be a tensor or a non-empty list"):
+        global_counts([])
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor; got str"):
+        global_counts(["x"])
