@@ -30,16 +30,12 @@ KERNELS = [
     ("log-prob forward", triton_logprobs._logprobs_forward_kernel, {}, 1),
     ("log-prob backward", triton_logprobs._logprobs_backward_kernel, {}, 1),
     *(
-        (f"{kind} {name}", kernel, flags, 2)
+        (f"{kind} ({mode.replace('_', ' ')})", kernel, {"MODE": number}, 2)
         for kind, kernel in (
-            ("KL forward", triton_kl._kl_forward_kernel),
-            ("KL backward", triton_kl._kl_backward_kernel),
+            ("pair forward", triton_kl._pair_forward_kernel),
+            ("pair backward", triton_kl._pair_backward_kernel),
         )
-        for name, flags in (
-            ("(forward)", {"FORWARD_KL": True, "SOFT_TARGET": False}),
-            ("(reverse)", {"FORWARD_KL": False, "SOFT_TARGET": False}),
-            ("(soft target)", {"FORWARD_KL": False, "SOFT_TARGET": True}),
-        )
+        for mode, number in triton_kl.MODES.items()
     ),
 ]
 

@@ -85,9 +85,10 @@ def token_kl(
         return vocab_parallel.VocabParallelTokenKL.apply(
             logits, ref_logits, valid, forward_kl, vocab.group
         )
+    mode = "kl_forward" if forward_kl else "kl_reverse"
     which = resolve_backend(backend, logits)
-    out, _, _ = custom_ops.token_kl(logits, ref_logits, valid, forward_kl, which, inplace_backward)
-    return out
+    args = (logits, ref_logits, valid, valid, mode, 0.0, which, inplace_backward)
+    return custom_ops.two_distributions(*args)[0]
 
 
 def soft_target_cross_entropy(
@@ -105,8 +106,22 @@ def soft_target_cross_entropy(
     CE-U); 0 where not valid.
     """
     which = resolve_backend(backend, logits)
-    out, _, _ = custom_ops.soft_target_ce(logits, ref_logits, targets, valid, label_shift, which)
-    return out
+    args = (logits, ref_logits, targets, valid, "soft_target", float(label_shift), which, False)
+    return custom_ops.two_distributions(*args)[0]
+
+
+def reference_cross_entropy(
+    logits: Tensor, ref_logits: Tensor, valid: Tensor, *, eps: float, backend: str = "auto"
+) -> Tensor:
+    """-sum_v p_v log(q_v + eps) per row of ``[:, :L]``, P from ``logits``, Q from ``ref_logits``.
+
+    SOUL's "KL" term with its additive epsilon (a cross-entropy, not a KL divergence).
+    Differentiable in ``logits`` only: ``d / d z_j = p_j (a_j - value)``, ``a = -log(q + eps)``;
+    0 where not valid.
+    """
+    which = resolve_backend(backend, logits)
+    args = (logits, ref_logits, valid, valid, "reference_ce", float(eps), which, False)
+    return custom_ops.two_distributions(*args)[0]
 
 
 def _refuse_with_vocab_shards(backend: str, inplace_backward: bool) -> None:

@@ -56,3 +56,37 @@ def num_warps(block_v: int, inputs: int = 1) -> int:
     times the warps, so that each thread's live values stay within the registers that let two
     programs share an SM."""
     return 8 * inputs if block_v >= 2048 else 4
+
+
+@triton.jit
+def expm1(x):
+    """``exp(x) - 1`` without cancellation near 0: a degree-7 Taylor polynomial for
+    ``|x| < 1/4`` (truncation below 2e-9 relative), ``exp(x) - 1`` elsewhere."""
+    poly = x * (
+        1.0
+        + x
+        * (
+            0.5
+            + x
+            * (
+                1.0 / 6.0
+                + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (1.0 / 5040.0))))
+            )
+        )
+    )
+    return tl.where(tl.abs(x) < 0.25, poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p(x):
+    """``log(1 + x)`` without cancellation near 0: the series to degree 10 for ``|x| < 1/8``
+    (truncation below 1e-10 relative), ``log(1 + x)`` elsewhere (within 8 float32 units)."""
+    poly = 1.0 / 9.0 - x / 10.0
+    poly = -1.0 / 8.0 + x * poly
+    poly = 1.0 / 7.0 + x * poly
+    poly = -1.0 / 6.0 + x * poly
+    poly = 1.0 / 5.0 + x * poly
+    poly = -1.0 / 4.0 + x * poly
+    poly = 1.0 / 3.0 + x * poly
+    poly = -1.0 / 2.0 + x * poly
+    return tl.where(tl.abs(x) < 0.125, x * (1.0 + x * poly), tl.log(1.0 + x))

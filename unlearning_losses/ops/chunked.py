@@ -156,97 +156,99 @@ def logprobs_backward(
         grad[b, t].scatter_(-1, safe_targets[b, t, None], label_term[b, t, None])
 
 
-def kl_forward(logits: Tensor, ref_logits: Tensor, valid: Tensor, forward_kl: bool) -> Tensor:
-    """Per-token KL(P || Q) (``forward_kl``) or KL(Q || P) over rows ``[:, :L]``; 0 where not valid.
-
-    P is the softmax of ``logits``, Q of ``ref_logits``.
-    """
-    acc = accumulation_dtype(logits.dtype)
-    out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-    for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
-        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-        logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
-        first, second = (logp, logq) if forward_kl else (logq, logp)
-        weight = first.exp()
-        kl = (weight * log_ratio(first, second)).sum(-1)
-        out[b, t] = torch.where(valid[b, t], kl, 0.0)
-    return out
+#: The per-token quantities of ``pair_forward``: P is the model's next-token distribution, Q the
+#: reference's (for ``"soft_target"`` with the target's logit lowered by ``param``).
+PAIR_MODES = ("kl_forward", "kl_reverse", "soft_target", "reference_ce")
+#: Modes whose value is an expectation under the model's P, ``sum_v p_v a_v`` (their gradient is
+#: ``p_j (a_j - value)``); the others are expectations under Q (gradient ``p_j - q_j``).
+MODEL_WEIGHTED = ("kl_forward", "reference_ce")
 
 
-def kl_backward(
-    grad_out: Tensor,
-    logits: Tensor,
-    ref_logits: Tensor,
-    valid: Tensor,
-    kl: Tensor,
-    forward_kl: bool,
-    grad: Tensor,
-) -> None:
-    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself)."""
-    acc = kl.dtype
-    groups = row_groups(valid, logits.shape[-1])
-    zero_outside(grad, groups)
-    scale = torch.where(valid, grad_out.to(acc), 0.0)
-    for b, t in row_chunks(groups, logits.shape[-1]):
-        if forward_kl:
-            # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-            probs = logp.exp()
-            logq = torch.log_softmax(ref_logits[b, t], -1, dtype=acc)
-            inner = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
-        else:
-            # d KL(Q||P) / d z_j = p_j - q_j
-            inner = torch.softmax(logits[b, t], -1, dtype=acc)
-            inner.sub_(torch.softmax(ref_logits[b, t], -1, dtype=acc))
-        torch.mul(inner, scale[b, t, None], out=grad[b, t])
-
-
-def _soft_target_log_probs(
-    ref_logits: Tensor, targets: Tensor, label_shift: float, acc: torch.dtype
+def reference_log_probs(
+    ref_logits: Tensor, targets: Tensor, mode: str, param: float, acc: torch.dtype
 ) -> Tensor:
-    """log of the target distribution ``softmax(ref_logits - label_shift * onehot(target))``."""
+    """log Q of a chunk: the reference's log-softmax, for ``"soft_target"`` with each row's target
+    logit lowered by ``param`` first (``inf`` removes the target)."""
+    if mode != "soft_target":
+        return torch.log_softmax(ref_logits, -1, dtype=acc)
     ref = ref_logits.to(acc, copy=True)
-    lowered = ref.gather(-1, targets[..., None]) - label_shift
+    lowered = ref.gather(-1, targets[..., None]) - param
     return torch.log_softmax(ref.scatter_(-1, targets[..., None], lowered), -1)
 
 
-def soft_target_forward(
-    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, label_shift: float
-) -> Tensor:
-    """Per-token cross-entropy ``-sum_v q_v log p_v`` over rows ``[:, :L]``; 0 where not valid.
+def pair_scores(logp: Tensor, logq: Tensor, mode: str, param: float) -> tuple[Tensor, Tensor]:
+    """The weights and scores whose row sums are the per-token value; overwrites both inputs.
 
-    P is the softmax of ``logits``; Q that of ``ref_logits`` with the target's logit lowered by
-    ``label_shift`` (``inf`` removes the target from Q). Entries where Q is 0 contribute 0.
+    ``"kl_forward"``: p and log p - log q (KL(P || Q)); ``"kl_reverse"``: q and log q - log p;
+    ``"soft_target"``: q and -log p (the cross-entropy from Q to P); ``"reference_ce"``: p and
+    -log(q + param) (SOUL's cross-entropy to the reference, with its additive epsilon). A zero
+    weight times a ``-inf`` log-probability gives 0, not NaN (``log_ratio`` floors); NaN stays NaN.
     """
+    if mode == "kl_forward":
+        return logp.exp(), log_ratio(logp, logq)
+    if mode == "kl_reverse":
+        return logq.exp(), log_ratio(logq, logp)
+    if mode == "soft_target":
+        return logq.exp(), logp.clamp_min_(torch.finfo(logp.dtype).min).neg_()
+    return logp.exp(), logq.exp_().add_(param).log_().neg_()
+
+
+def pair_value(weights: Tensor, scores: Tensor) -> Tensor:
+    """The per-row value ``sum_v weight_v score_v``."""
+    return torch.linalg.vecdot(weights, scores)
+
+
+def pair_gradient(
+    logp: Tensor, weights: Tensor, scores: Tensor, value: Tensor, mode: str
+) -> Tensor:
+    """d value / d logits of a chunk from ``pair_scores``'s inputs and outputs (overwrites them).
+
+    Under P: ``p_j (a_j - value)``; under Q: ``p_j - q_j`` (Q does not depend on the logits).
+    """
+    if mode in MODEL_WEIGHTED:
+        return scores.sub_(value[..., None]).mul_(weights)
+    if mode == "soft_target":  # the scores are -log p
+        return scores.neg_().exp_().sub_(weights)
+    return logp.exp_().sub_(weights)  # log p was floored in place: exp(lowest) = 0
+
+
+def pair_forward(
+    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, mode: str, param: float
+) -> Tensor:
+    """Per-token value of ``mode`` (see ``pair_scores``) over rows ``[:, :L]``; 0 where not
+    valid."""
     acc = accumulation_dtype(logits.dtype)
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
     safe_targets = torch.where(valid, targets, 0)
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
-        logq = _soft_target_log_probs(ref_logits[b, t], safe_targets[b, t], label_shift, acc)
         logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-        # q_v = 0 where log p_v = -inf must give 0, not NaN: floor log p (NaN stays NaN).
-        cross = logq.exp_().mul_(logp.clamp_min_(torch.finfo(acc).min)).sum(-1).neg_()
-        out[b, t] = torch.where(valid[b, t], cross, 0.0)
+        logq = reference_log_probs(ref_logits[b, t], safe_targets[b, t], mode, param, acc)
+        value = pair_value(*pair_scores(logp, logq, mode, param))
+        out[b, t] = torch.where(valid[b, t], value, 0.0)
     return out
 
 
-def soft_target_backward(
+def pair_backward(
     grad_out: Tensor,
     logits: Tensor,
     ref_logits: Tensor,
     targets: Tensor,
     valid: Tensor,
-    label_shift: float,
+    out: Tensor,
+    mode: str,
+    param: float,
     grad: Tensor,
 ) -> None:
-    """Write d(sum grad_out * CE) / d logits = grad_out (p - q) into ``grad``."""
-    acc = accumulation_dtype(logits.dtype)
+    """Write d(sum grad_out * value) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    acc = out.dtype
     groups = row_groups(valid, logits.shape[-1])
     zero_outside(grad, groups)
     scale = torch.where(valid, grad_out.to(acc), 0.0)
     safe_targets = torch.where(valid, targets, 0)
     for b, t in row_chunks(groups, logits.shape[-1]):
-        q = _soft_target_log_probs(ref_logits[b, t], safe_targets[b, t], label_shift, acc).exp_()
-        inner = torch.softmax(logits[b, t], -1, dtype=acc).sub_(q).mul_(scale[b, t, None])
-        # An ignored row may have no target at all (CE-U, one finite logit): NaN * 0 stays NaN.
-        grad[b, t] = inner.masked_fill_(~valid[b, t, None], 0.0)
+        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
+        logq = reference_log_probs(ref_logits[b, t], safe_targets[b, t], mode, param, acc)
+        weights, scores = pair_scores(logp, logq, mode, param)
+        inner = pair_gradient(logp, weights, scores, out[b, t], mode)
+        # An ignored row may have no finite value at all (CE-U, one finite logit): NaN * 0 is NaN.
+        grad[b, t] = inner.mul_(scale[b, t, None]).masked_fill_(~valid[b, t, None], 0.0)

@@ -1,12 +1,20 @@
-"""The primitives as PyTorch custom ops with fake implementations and autograd.
+"""The primitives with their autograd, runnable eagerly and under ``torch.compile``.
 
-Registering them through ``torch.library`` makes them opaque to ``torch.compile``: a compiled loss
-calls them without graph breaks, whichever backend runs underneath. ``backend`` is ``"torch"``
-(chunked) or ``"triton"``; ``inplace_backward`` makes the backward write the gradient into the
-logits' own buffer.
+Each primitive is a forward, a backward that writes the logits' gradient into a buffer, and the
+``setup``/``grad`` pair that wires them. Eager calls run them as a plain ``autograd.Function``;
+under ``torch.compile`` they run as custom ops registered through ``torch.library`` (with fake
+implementations), which a compiled loss calls without graph breaks. Eager calls never touch the
+custom ops: calling one imports the compiler stack (``torch._dynamo``, inductor, sympy: about a
+second and 160 MB per process) even in a loop that never compiles.
+
+``backend`` is ``"torch"`` (chunked) or ``"triton"``; ``inplace_backward`` makes the backward write
+the gradient into the logits' own buffer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,7 +22,7 @@ from torch import Tensor
 from . import chunked
 
 
-def _backend_module(backend: str, primitive: str):
+def _kernels(backend: str, primitive: str) -> Any:
     if backend == "triton":
         if primitive == "logprobs":
             from . import triton_logprobs
@@ -34,24 +42,42 @@ def _gradient_buffer(logits: Tensor, inplace: bool) -> Tensor:
     return logits if inplace else torch.empty_like(logits)
 
 
+def _eager_function(name: str, forward: Callable, setup: Callable, grad: Callable) -> Any:
+    """An ``autograd.Function`` over a primitive's pieces; outputs after the first carry no
+    gradient."""
+
+    def function_forward(ctx: Any, *inputs: Any) -> Any:
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    body = {"forward": staticmethod(function_forward), "backward": staticmethod(grad)}
+    return type(name, (torch.autograd.Function,), body)
+
+
+def _dispatch(op: Any, function: Any) -> Callable:
+    """Call ``function`` eagerly and the custom ``op`` while ``torch.compile`` traces."""
+
+    def call(*inputs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        return function.apply(*inputs)
+
+    return call
+
+
 # --- log p(label) ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("unlearning_losses::logprobs", mutates_args=())
-def logprobs(
+def _logprobs_forward(
     logits: Tensor, targets: Tensor, valid: Tensor, backend: str, inplace_backward: bool
 ) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) of rows ``[:, :L]`` and their log-sum-exp."""
-    return _backend_module(backend, "logprobs").logprobs_forward(logits, targets, valid)
+    return _kernels(backend, "logprobs").logprobs_forward(logits, targets, valid)
 
 
-@logprobs.register_fake
-def _(logits, targets, valid, backend, inplace_backward):
-    return _per_token(logits, valid), _per_token(logits, valid)
-
-
-@torch.library.custom_op("unlearning_losses::logprobs_backward", mutates_args=("grad",))
-def logprobs_backward(
+def _logprobs_backward(
     grad_out: Tensor,
     logits: Tensor,
     targets: Tensor,
@@ -61,137 +87,83 @@ def logprobs_backward(
     grad: Tensor,
     backend: str,
 ) -> None:
-    _backend_module(backend, "logprobs").logprobs_backward(
+    _kernels(backend, "logprobs").logprobs_backward(
         grad_out, logits, targets, valid, lse, logprobs, grad
     )
 
 
-@logprobs_backward.register_fake
-def _(grad_out, logits, targets, valid, lse, logprobs, grad, backend):
-    return None
-
-
-def _logprobs_setup(ctx, inputs, output) -> None:
+def _logprobs_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     logits, targets, valid, backend, inplace_backward = inputs
     out, lse = output
     ctx.save_for_backward(logits, targets, valid, lse, out)
     ctx.backend, ctx.inplace_backward = backend, inplace_backward
 
 
-def _logprobs_grad(ctx, grad_out, _grad_lse):
-    logits, targets, valid, lse, out = ctx.saved_tensors
-    grad = _gradient_buffer(logits, ctx.inplace_backward)
-    logprobs_backward(grad_out, logits, targets, valid, lse, out, grad, ctx.backend)
-    return grad, None, None, None, None
+def _logprobs_grad(backward: Callable) -> Callable:
+    def grad_fn(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple:
+        logits, targets, valid, lse, out = ctx.saved_tensors
+        grad = _gradient_buffer(logits, ctx.inplace_backward)
+        backward(grad_out, logits, targets, valid, lse, out, grad, ctx.backend)
+        return grad, None, None, None, None
+
+    return grad_fn
 
 
-logprobs.register_autograd(_logprobs_grad, setup_context=_logprobs_setup)
+_logprobs_op = torch.library.custom_op("unlearning_losses::logprobs", mutates_args=())(
+    _logprobs_forward
+)
+_logprobs_backward_op = torch.library.custom_op(
+    "unlearning_losses::logprobs_backward", mutates_args=("grad",)
+)(_logprobs_backward)
 
 
-# --- KL between two next-token distributions ---------------------------------------------------
+@_logprobs_op.register_fake
+def _(logits, targets, valid, backend, inplace_backward):
+    return _per_token(logits, valid), _per_token(logits, valid)
 
 
-@torch.library.custom_op("unlearning_losses::token_kl", mutates_args=())
-def token_kl(
+@_logprobs_backward_op.register_fake
+def _(grad_out, logits, targets, valid, lse, logprobs, grad, backend):
+    return None
+
+
+_logprobs_op.register_autograd(_logprobs_grad(_logprobs_backward_op), setup_context=_logprobs_setup)
+logprobs = _dispatch(
+    _logprobs_op,
+    _eager_function(
+        "Logprobs", _logprobs_forward, _logprobs_setup, _logprobs_grad(_logprobs_backward)
+    ),
+)
+
+
+# --- per-token expectations under one distribution of a function of two ------------------------
+#
+# KL (either direction), the soft-target cross-entropy (UNDIAL, CE-U) and the cross-entropy to a
+# reference with SOUL's additive epsilon share one signature: the model's logits, the reference's,
+# the mask, and a ``quantity`` (one of ``chunked.PAIR_MODES``) naming the per-token value. The
+# Triton backward needs both log-sum-exps; the chunked one recomputes them and gets empty
+# placeholders.
+
+
+def _pair_forward(
     logits: Tensor,
     ref_logits: Tensor,
+    targets: Tensor,
     valid: Tensor,
-    forward_kl: bool,
+    quantity: str,
+    param: float,
     backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token KL of rows ``[:, :L]``, with what the backward of ``backend`` needs.
-
-    The Triton backward needs both log-sum-exps; the chunked one recomputes them and gets empty
-    placeholders.
-    """
     if backend == "triton":
-        return _backend_module(backend, "kl").kl_forward(logits, ref_logits, valid, forward_kl)
-    kl = chunked.kl_forward(logits, ref_logits, valid, forward_kl)
-    return kl, kl.new_empty(0), kl.new_empty(0)
-
-
-@token_kl.register_fake
-def _(logits, ref_logits, valid, forward_kl, backend, inplace_backward):
-    aux = _per_token(logits, valid) if backend == "triton" else logits.new_empty(0)
-    return _per_token(logits, valid), aux, aux.clone()
-
-
-@torch.library.custom_op("unlearning_losses::token_kl_backward", mutates_args=("grad",))
-def token_kl_backward(
-    grad_out: Tensor,
-    logits: Tensor,
-    ref_logits: Tensor,
-    valid: Tensor,
-    lse: Tensor,
-    ref_lse: Tensor,
-    kl: Tensor,
-    forward_kl: bool,
-    grad: Tensor,
-    backend: str,
-) -> None:
-    if backend == "triton":
-        _backend_module(backend, "kl").kl_backward(
-            grad_out, logits, ref_logits, valid, lse, ref_lse, kl, forward_kl, grad
+        return _kernels(backend, "pair").pair_forward(
+            logits, ref_logits, targets, valid, quantity, param
         )
-    else:
-        chunked.kl_backward(grad_out, logits, ref_logits, valid, kl, forward_kl, grad)
+    out = chunked.pair_forward(logits, ref_logits, targets, valid, quantity, param)
+    return out, out.new_empty(0), out.new_empty(0)
 
 
-@token_kl_backward.register_fake
-def _(grad_out, logits, ref_logits, valid, lse, ref_lse, kl, forward_kl, grad, backend):
-    return None
-
-
-def _kl_setup(ctx, inputs, output) -> None:
-    logits, ref_logits, valid, forward_kl, backend, inplace_backward = inputs
-    kl, lse, ref_lse = output
-    ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl)
-    ctx.forward_kl, ctx.backend, ctx.inplace_backward = forward_kl, backend, inplace_backward
-
-
-def _kl_grad(ctx, grad_out, _grad_lse, _grad_ref_lse):
-    logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
-    grad = _gradient_buffer(logits, ctx.inplace_backward)
-    token_kl_backward(
-        grad_out, logits, ref_logits, valid, lse, ref_lse, kl, ctx.forward_kl, grad, ctx.backend
-    )
-    return grad, None, None, None, None, None
-
-
-token_kl.register_autograd(_kl_grad, setup_context=_kl_setup)
-
-
-# --- cross-entropy to a soft target built from reference logits ----------------------------------
-
-
-@torch.library.custom_op("unlearning_losses::soft_target_ce", mutates_args=())
-def soft_target_ce(
-    logits: Tensor,
-    ref_logits: Tensor,
-    targets: Tensor,
-    valid: Tensor,
-    label_shift: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token cross-entropy from ``softmax(ref_logits - label_shift * onehot)`` to the model,
-    with the log-sum-exps the Triton backward needs (empty placeholders for the chunked one)."""
-    if backend == "triton":
-        return _backend_module(backend, "kl").kl_forward(
-            logits, ref_logits, valid, False, targets, label_shift
-        )
-    ce = chunked.soft_target_forward(logits, ref_logits, targets, valid, label_shift)
-    return ce, ce.new_empty(0), ce.new_empty(0)
-
-
-@soft_target_ce.register_fake
-def _(logits, ref_logits, targets, valid, label_shift, backend):
-    aux = _per_token(logits, valid) if backend == "triton" else logits.new_empty(0)
-    return _per_token(logits, valid), aux, aux.clone()
-
-
-@torch.library.custom_op("unlearning_losses::soft_target_ce_backward", mutates_args=("grad",))
-def soft_target_ce_backward(
+def _pair_backward(
     grad_out: Tensor,
     logits: Tensor,
     ref_logits: Tensor,
@@ -199,50 +171,80 @@ def soft_target_ce_backward(
     valid: Tensor,
     lse: Tensor,
     ref_lse: Tensor,
-    ce: Tensor,
-    label_shift: float,
+    out: Tensor,
+    quantity: str,
+    param: float,
     grad: Tensor,
     backend: str,
 ) -> None:
     if backend == "triton":
-        _backend_module(backend, "kl").kl_backward(
-            grad_out, logits, ref_logits, valid, lse, ref_lse, ce, False, grad, targets, label_shift
+        _kernels(backend, "pair").pair_backward(
+            grad_out, logits, ref_logits, targets, valid, lse, ref_lse, out, quantity, param, grad
         )
     else:
-        chunked.soft_target_backward(
-            grad_out, logits, ref_logits, targets, valid, label_shift, grad
+        chunked.pair_backward(
+            grad_out, logits, ref_logits, targets, valid, out, quantity, param, grad
         )
 
 
-@soft_target_ce_backward.register_fake
-def _(grad_out, logits, ref_logits, targets, valid, lse, ref_lse, ce, label_shift, grad, backend):
+def _pair_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    logits, ref_logits, targets, valid, quantity, param, backend, inplace_backward = inputs
+    out, lse, ref_lse = output
+    ctx.save_for_backward(logits, ref_logits, targets, valid, lse, ref_lse, out)
+    ctx.quantity, ctx.param, ctx.backend, ctx.inplace_backward = (
+        quantity,
+        param,
+        backend,
+        inplace_backward,
+    )
+
+
+def _pair_grad(backward: Callable) -> Callable:
+    def grad_fn(ctx: Any, grad_out: Tensor, *_grad_lses: Tensor | None) -> tuple:
+        logits, ref_logits, targets, valid, lse, ref_lse, out = ctx.saved_tensors
+        grad = _gradient_buffer(logits, ctx.inplace_backward)
+        backward(
+            grad_out,
+            logits,
+            ref_logits,
+            targets,
+            valid,
+            lse,
+            ref_lse,
+            out,
+            ctx.quantity,
+            ctx.param,
+            grad,
+            ctx.backend,
+        )
+        return grad, None, None, None, None, None, None, None
+
+    return grad_fn
+
+
+_pair_op = torch.library.custom_op("unlearning_losses::two_distributions", mutates_args=())(
+    _pair_forward
+)
+_pair_backward_op = torch.library.custom_op(
+    "unlearning_losses::two_distributions_backward", mutates_args=("grad",)
+)(_pair_backward)
+
+
+@_pair_op.register_fake
+def _(logits, ref_logits, targets, valid, quantity, param, backend, inplace_backward):
+    aux = _per_token(logits, valid) if backend == "triton" else logits.new_empty(0)
+    return _per_token(logits, valid), aux, aux.clone()
+
+
+@_pair_backward_op.register_fake
+def _(
+    grad_out, logits, ref_logits, targets, valid, lse, ref_lse, out, quantity, param, grad, backend
+):
     return None
 
 
-def _soft_target_setup(ctx, inputs, output) -> None:
-    logits, ref_logits, targets, valid, label_shift, backend = inputs
-    ce, lse, ref_lse = output
-    ctx.save_for_backward(logits, ref_logits, targets, valid, lse, ref_lse, ce)
-    ctx.label_shift, ctx.backend = label_shift, backend
-
-
-def _soft_target_grad(ctx, grad_out, _grad_lse, _grad_ref_lse):
-    logits, ref_logits, targets, valid, lse, ref_lse, ce = ctx.saved_tensors
-    grad = torch.empty_like(logits)
-    soft_target_ce_backward(
-        grad_out,
-        logits,
-        ref_logits,
-        targets,
-        valid,
-        lse,
-        ref_lse,
-        ce,
-        ctx.label_shift,
-        grad,
-        ctx.backend,
-    )
-    return grad, None, None, None, None, None
-
-
-soft_target_ce.register_autograd(_soft_target_grad, setup_context=_soft_target_setup)
+_pair_op.register_autograd(_pair_grad(_pair_backward_op), setup_context=_pair_setup)
+two_distributions = _dispatch(
+    _pair_op,
+    _eager_function("TwoDistributions", _pair_forward, _pair_setup, _pair_grad(_pair_backward)),
+)

@@ -21,7 +21,9 @@ from .chunked import (
     CHUNK_BYTES,
     accumulation_dtype,
     floored_logprob,
-    log_ratio,
+    pair_gradient,
+    pair_scores,
+    pair_value,
     row_chunks,
     row_groups,
     zero_outside,
@@ -224,9 +226,8 @@ class LinearTokenKL(torch.autograd.Function):
         for b, t in row_chunks(groups, vocab, budget):
             logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
             logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
-            first, second = (logp, logq) if forward_kl else (logq, logp)
-            weight_ = first.exp()
-            out[b, t] = torch.where(valid[b, t], (weight_ * log_ratio(first, second)).sum(-1), 0.0)
+            value = pair_value(*pair_scores(logp, logq, _kl_mode(forward_kl), 0.0))
+            out[b, t] = torch.where(valid[b, t], value, 0.0)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, out)
         ctx.groups, ctx.budget, ctx.forward_kl = groups, budget, forward_kl
         return out
@@ -243,11 +244,9 @@ class LinearTokenKL(torch.autograd.Function):
         for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
             logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
             logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
-            probs = logp.exp()
-            if ctx.forward_kl:  # p_j (log p_j - log q_j - KL)
-                grad_logits = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
-            else:  # p_j - q_j
-                grad_logits = probs.sub_(logq.exp_())
+            mode = _kl_mode(ctx.forward_kl)
+            weights, scores = pair_scores(logp, logq, mode, 0.0)
+            grad_logits = pair_gradient(logp, weights, scores, kl[b, t], mode)
             grads.add(b, t, hidden, weight, grad_logits.mul_(scale[b, t, None]))
         return (*grads.result(weight, bias), None, None, None, None, None, None)
 
@@ -352,16 +351,11 @@ class LinearKLSum(torch.autograd.Function):
                 _cache_blocks(z), _cache_blocks(ref_z), strict=True
             ):
                 logp, logq = block.log_softmax(-1), ref_block.log_softmax(-1)
-                probs = logp.exp()
-                if forward_kl:
-                    ratio = log_ratio(logp, logq)
-                    kl = (probs * ratio).sum(-1, keepdim=True)
-                    grad_logits = ratio.sub_(kl).mul_(probs)  # p (log p - log q - KL)
-                else:
-                    ref_probs = logq.exp()
-                    kl = (ref_probs * log_ratio(logq, logp)).sum(-1, keepdim=True)
-                    grad_logits = probs.sub_(ref_probs)  # p - q
-                total += (kl * chunk_coefficient[rows]).sum()
+                mode = _kl_mode(forward_kl)
+                weights, scores = pair_scores(logp, logq, mode, 0.0)
+                kl = pair_value(weights, scores)
+                grad_logits = pair_gradient(logp, weights, scores, kl, mode)
+                total += (kl[:, None] * chunk_coefficient[rows]).sum()
                 if grads is not None:
                     torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
@@ -374,6 +368,10 @@ class LinearKLSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None)
+
+
+def _kl_mode(forward_kl: bool) -> str:
+    return "kl_forward" if forward_kl else "kl_reverse"
 
 
 def _scaled_once(ctx: Any, grad_out: Tensor) -> tuple:

@@ -1,23 +1,31 @@
-"""Triton kernels for the per-token KL between two next-token distributions.
+"""Triton kernels for per-token quantities of two next-token distributions (``chunked.PAIR_MODES``):
+KL in either direction, the soft-target cross-entropy (UNDIAL, CE-U) and SOUL's cross-entropy to
+the reference with an additive epsilon.
 
-One program per row of ``logits[:, :L]`` and ``ref_logits[:, :L]`` (strided, int64 offsets). With
-``log p = z - lse`` and ``sum p = 1``,
+One program per row of ``logits[:, :L]`` and ``ref_logits[:, :L]`` (strided, int64 offsets). The
+forward makes one pass over the vocabulary keeping, per row, scalar online maxima and sums for both
+log-sum-exps (two exponentials per logit pair; SOUL's mode makes a second pass, once both are
+known). ``-inf`` entries (masked vocabulary) are floored at the lowest finite float32, so that a
+zero weight times their difference is 0; NaN stays NaN.
 
-    KL(P || Q) = sum_v p_v (z_v - z_ref_v) - lse + lse_ref,
+KL without cancellation. With ``delta = z - z_ref`` (exact when the inputs are close) the
+log-ratio is ``d = log p - log q = delta - c`` with the row constant ``c = lse - lse_ref``. When
+the distributions are close, ``lse - lse_ref`` loses the digits that matter, so the forward also
+accumulates ``sum_v e^(z_ref_v - m_ref) expm1(delta_v)``, which is ``s_ref (e^c - 1)``, and takes
+``c = log1p(that / s_ref)`` when that ratio is within 1/2 and no ``delta`` exceeds 60 (otherwise
+the log-sum-exps, whose difference is then well-conditioned enough). Then
 
-so the forward needs one pass over the vocabulary keeping, per row, scalar online maxima and sums
-for both log-sum-exps and the weighted sum of logit differences (rescaled as a maximum grows):
-two exponentials per logit pair.
-``-inf`` entries (masked vocabulary) are floored at the lowest finite float32 so that a zero weight
-times their difference is 0; NaN stays NaN. The backward recomputes both softmaxes from the saved
-log-sum-exps in one pass:
+    KL(P || Q) = sum_v p_v delta_v - c,            d / d z_j = p_j (d_j - KL),
+    KL(Q || P) = c - sum_v q_v delta_v,            d / d z_j = p_j - q_j = q_j expm1(d_j),
 
-    d KL(P || Q) / d z_j = p_j (z_j - z_ref_j - lse + lse_ref - KL),   d KL(Q || P) / d z_j = p_j - q_j.
+the reverse gradient formed as ``q expm1(d)`` where ``|d| < 1``: exactly 0 at ``p = q``, and
+within the output dtype's rounding of float64 math when they are close. The forward stores ``c``
+beside ``lse`` for the backward.
 
-With ``SOFT_TARGET`` the same pass gives the cross-entropy from Q to P, ``lse - sum_v q_v z_v``,
-where Q's logit at the row's target is first lowered by ``label_shift`` (UNDIAL; ``inf`` removes
-it, CE-U); its gradient is the reverse direction's ``p_j - q_j``. A target outside the vocabulary
-gives NaN.
+``"soft_target"``: ``lse - sum_v q_v z_v`` with Q's logit at the row's target lowered by
+``label_shift`` first (``inf`` removes it); gradient ``p - q``; a target outside the vocabulary
+gives NaN. ``"reference_ce"``: ``-sum_v p_v log(q_v + eps)``, gradient ``p_j (a_j - value)`` with
+``a = -log(q + eps)``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
+from ._triton_common import (
+    LOWEST,
+    block_size,
+    expm1,
+    launch_rows,
+    log1p,
+    online_lse_step,
+    row_targets,
+)
+
+#: ``MODE`` of the kernels, by ``chunked.PAIR_MODES`` name.
+MODES = {"kl_forward": 0, "kl_reverse": 1, "soft_target": 2, "reference_ce": 3}
+#: Beyond this log-ratio the forward takes ``c`` from the log-sum-exps (no overflow in expm1).
+_NEAR = tl.constexpr(60.0)
 
 
 @triton.jit
@@ -36,20 +57,37 @@ def _floored(x):
 
 
 @triton.jit
-def _soft_target(z_ref, columns, target, label_shift):
-    return tl.where(columns == target, z_ref - label_shift, z_ref)
+def _load_pair(
+    base, ref_base, columns, vocab, stride_v, stride_ref_v, target, param, MODE: tl.constexpr
+):
+    """Both rows' tiles in float32 (``-inf`` past the vocabulary); the soft target lowered."""
+    in_vocab = columns < vocab
+    z = tl.load(base + columns.to(tl.int64) * stride_v, mask=in_vocab, other=float("-inf"))
+    z_ref = tl.load(
+        ref_base + columns.to(tl.int64) * stride_ref_v, mask=in_vocab, other=float("-inf")
+    )
+    z_ref = z_ref.to(tl.float32)
+    if MODE == 2:
+        z_ref = tl.where(columns == target, z_ref - param, z_ref)
+    return z.to(tl.float32), z_ref
 
 
 @triton.jit
-def _kl_forward_kernel(
+def _reference_score(z_ref, lse_ref, eps):
+    """SOUL's ``-log(q + eps)``."""
+    return -tl.log(tl.exp(z_ref - lse_ref) + eps)
+
+
+@triton.jit
+def _pair_forward_kernel(
     logits_ptr,
     ref_ptr,
     valid_ptr,
     targets_ptr,
-    label_shift,
+    param,
     out_ptr,
     lse_ptr,
-    ref_lse_ptr,
+    aux_ptr,
     length,
     vocab,
     stride_logits_b,
@@ -58,75 +96,87 @@ def _kl_forward_kernel(
     stride_ref_b,
     stride_ref_t,
     stride_ref_v,
-    FORWARD_KL: tl.constexpr,
-    SOFT_TARGET: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
     target = -1
-    if SOFT_TARGET:
+    if MODE == 2:
         target = tl.load(targets_ptr + row)
     if tl.load(valid_ptr + row) == 0:
         tl.store(out_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
-        tl.store(ref_lse_ptr + row, 0.0)
+        tl.store(aux_ptr + row, 0.0)
         return
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
     offsets = tl.arange(0, BLOCK_V)
-    # Running maxima m, sums s of exp(z - m), and the weighted difference sum w, taken under the
-    # distribution that weights the KL (P for forward, Q for reverse, Q for the soft target).
+    # Running maxima m, sums s of exp(z - m); w: the weighted sum of the mode's scores; near:
+    # sum of e_ref expm1(delta) and the largest delta (KL modes).
     m = tl.full([], LOWEST, tl.float32)
     m_ref = tl.full([], LOWEST, tl.float32)
-    s, s_ref, w = 0.0, 0.0, 0.0
+    s, s_ref, w, near = 0.0, 0.0, 0.0, 0.0
+    delta_max = tl.full([], LOWEST, tl.float32)
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
-        in_vocab = columns < vocab
-        z = tl.load(
-            base + columns.to(tl.int64) * stride_logits_v, mask=in_vocab, other=float("-inf")
-        ).to(tl.float32)
-        z_ref = tl.load(
-            ref_base + columns.to(tl.int64) * stride_ref_v, mask=in_vocab, other=float("-inf")
-        ).to(tl.float32)
-        if SOFT_TARGET:
-            z_ref = _soft_target(z_ref, columns, target, label_shift)
+        z, z_ref = _load_pair(
+            base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
+        )
         # exp of the raw logits: -inf entries and lanes past V weigh exactly 0.
         m, rescale, e = online_lse_step(m, z)
         m_ref, rescale_ref, e_ref = online_lse_step(m_ref, z_ref)
-        if SOFT_TARGET:
-            w = w * rescale_ref - tl.sum(e_ref * _floored(z), axis=0)
-        elif FORWARD_KL:
-            w = w * rescale + tl.sum(e * (_floored(z) - _floored(z_ref)), axis=0)
-        else:
-            w = w * rescale_ref - tl.sum(e_ref * (_floored(z) - _floored(z_ref)), axis=0)
         s = s * rescale + tl.sum(e, axis=0)
         s_ref = s_ref * rescale_ref + tl.sum(e_ref, axis=0)
+        if MODE == 2:
+            w = w * rescale_ref - tl.sum(e_ref * _floored(z), axis=0)
+        elif MODE < 2:
+            delta = _floored(z) - _floored(z_ref)
+            delta_max = tl.maximum(delta_max, tl.max(delta, axis=0))
+            near = near * rescale_ref + tl.sum(e_ref * expm1(tl.minimum(delta, _NEAR)), axis=0)
+            if MODE == 0:
+                w = w * rescale + tl.sum(e * delta, axis=0)
+            else:
+                w = w * rescale_ref + tl.sum(e_ref * delta, axis=0)
     lse = m + tl.log(s)
     lse_ref = m_ref + tl.log(s_ref)
-    if SOFT_TARGET:
-        kl = w / s_ref + lse
-        kl = tl.where(target < vocab, kl, float("nan"))
-    elif FORWARD_KL:
-        kl = w / s - lse + lse_ref
+    aux = lse_ref
+    if MODE < 2:
+        # Close distributions: e^c - 1 = near / s_ref is small and exact; else the log-sum-exps.
+        ratio = near / s_ref
+        is_near = (delta_max <= _NEAR) & (tl.abs(ratio) <= 0.5)
+        aux = tl.where(is_near, log1p(ratio), lse - lse_ref)
+    if MODE == 0:
+        value = w / s - aux
+    elif MODE == 1:
+        value = aux - w / s_ref
+    elif MODE == 2:
+        value = tl.where(target < vocab, w / s_ref + lse, float("nan"))
     else:
-        kl = w / s_ref - lse_ref + lse
-    tl.store(out_ptr + row, kl)
+        value = 0.0
+        for start in range(0, vocab, BLOCK_V):
+            columns = start + offsets
+            z, z_ref = _load_pair(
+                base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
+            )
+            score = _reference_score(z_ref, lse_ref, param)
+            value += tl.sum(tl.exp(z - lse) * score, axis=0)
+    tl.store(out_ptr + row, value)
     tl.store(lse_ptr + row, lse)
-    tl.store(ref_lse_ptr + row, lse_ref)
+    tl.store(aux_ptr + row, aux)
 
 
 @triton.jit
-def _kl_backward_kernel(
+def _pair_backward_kernel(
     grad_ptr,
     logits_ptr,
     ref_ptr,
     valid_ptr,
     targets_ptr,
-    label_shift,
+    param,
     lse_ptr,
-    ref_lse_ptr,
-    kl_ptr,
+    aux_ptr,
+    value_ptr,
     scale_ptr,
     length,
     vocab,
@@ -139,139 +189,119 @@ def _kl_backward_kernel(
     stride_grad_b,
     stride_grad_t,
     stride_grad_v,
-    FORWARD_KL: tl.constexpr,
-    SOFT_TARGET: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
     valid = tl.load(valid_ptr + row) != 0
     target = -1
-    if SOFT_TARGET:
+    if MODE == 2:
         target = tl.load(targets_ptr + row)
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
     grad_base = grad_ptr + b * stride_grad_b + t * stride_grad_t
     offsets = tl.arange(0, BLOCK_V)
-    lse, lse_ref = tl.load(lse_ptr + row), tl.load(ref_lse_ptr + row)
-    offset = lse - lse_ref + tl.load(kl_ptr + row)
-    scale = tl.load(scale_ptr + row)
+    # aux: c = lse - lse_ref for the KL modes, lse_ref otherwise.
+    lse, aux = tl.load(lse_ptr + row), tl.load(aux_ptr + row)
+    value, scale = tl.load(value_ptr + row), tl.load(scale_ptr + row)
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
-        in_vocab = columns < vocab
         if valid:
-            z = _floored(
-                tl.load(
-                    base + columns.to(tl.int64) * stride_logits_v,
-                    mask=in_vocab,
-                    other=float("-inf"),
-                ).to(tl.float32)
+            z, z_ref = _load_pair(
+                base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
             )
-            z_ref = tl.load(
-                ref_base + columns.to(tl.int64) * stride_ref_v,
-                mask=in_vocab,
-                other=float("-inf"),
-            ).to(tl.float32)
-            if SOFT_TARGET:
-                z_ref = _soft_target(z_ref, columns, target, label_shift)
-            z_ref = _floored(z_ref)
+            z, z_ref = _floored(z), _floored(z_ref)
             p = tl.exp(z - lse)
-            if FORWARD_KL:
-                grad = p * (z - z_ref - offset) * scale
+            if MODE == 0:
+                grad = p * (z - z_ref - aux - value)
+            elif MODE == 1:
+                d = z - z_ref - aux
+                q = tl.exp(z_ref - lse + aux)
+                grad = tl.where(tl.abs(d) < 1.0, q * expm1(d), p - q)
+            elif MODE == 2:
+                grad = p - tl.exp(z_ref - aux)
             else:
-                grad = (p - tl.exp(z_ref - lse_ref)) * scale
+                grad = p * (_reference_score(z_ref, aux, param) - value)
+            grad = grad * scale
         else:
             grad = tl.zeros([BLOCK_V], tl.float32)
         tl.store(
             grad_base + columns.to(tl.int64) * stride_grad_v,
             grad.to(grad_ptr.dtype.element_ty),
-            mask=in_vocab,
+            mask=columns < vocab,
         )
 
 
-def _soft_target_args(
-    valid: Tensor, targets: Tensor | None, label_shift: float
-) -> tuple[Tensor, float]:
+def _row_targets(targets: Tensor, valid: Tensor, mode: str) -> Tensor:
     """Per-row targets for the soft-target mode (the mask stands in, unread, otherwise)."""
-    if targets is None:
-        return valid.contiguous(), 0.0
-    return row_targets(targets, valid), float(label_shift)
+    return row_targets(targets, valid) if mode == "soft_target" else valid.contiguous()
 
 
-def kl_forward(
-    logits: Tensor,
-    ref_logits: Tensor,
-    valid: Tensor,
-    forward_kl: bool,
-    targets: Tensor | None = None,
-    label_shift: float = 0.0,
+def pair_forward(
+    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, mode: str, param: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token KL (or, given ``targets``, the soft-target cross-entropy) and both log-sum-exps,
-    float32 ``(B, L)``; 0 where not valid."""
+    """Per-token value of ``mode``, the log-sum-exp and the backward's row constant (``c`` for
+    KL, the reference's log-sum-exp otherwise), float32 ``(B, L)``; 0 where not valid."""
     out = logits.new_empty(valid.shape, dtype=torch.float32)
-    lse, ref_lse = torch.empty_like(out), torch.empty_like(out)
-    row_target, shift = _soft_target_args(valid, targets, label_shift)
+    lse, aux = torch.empty_like(out), torch.empty_like(out)
     launch_rows(
-        _kl_forward_kernel,
+        _pair_forward_kernel,
         valid,
         logits,
         ref_logits,
         valid.contiguous(),
-        row_target,
-        shift,
+        _row_targets(targets, valid, mode),
+        float(param),
         out,
         lse,
-        ref_lse,
+        aux,
         valid.shape[1],
         logits.shape[-1],
         *logits.stride(),
         *ref_logits.stride(),
-        FORWARD_KL=forward_kl,
-        SOFT_TARGET=targets is not None,
+        MODE=MODES[mode],
         BLOCK_V=block_size(logits.shape[-1]),
         inputs=2,
     )
-    return out, lse, ref_lse
+    return out, lse, aux
 
 
-def kl_backward(
+def pair_backward(
     grad_out: Tensor,
     logits: Tensor,
     ref_logits: Tensor,
+    targets: Tensor,
     valid: Tensor,
     lse: Tensor,
-    ref_lse: Tensor,
-    kl: Tensor,
-    forward_kl: bool,
+    aux: Tensor,
+    value: Tensor,
+    mode: str,
+    param: float,
     grad: Tensor,
-    targets: Tensor | None = None,
-    label_shift: float = 0.0,
 ) -> None:
-    """Write d(sum grad_out * KL) / d logits into ``grad`` (which may be ``logits`` itself); with
-    ``targets``, the soft-target cross-entropy's gradient."""
+    """Write d(sum grad_out * value) / d logits into ``grad`` (which may be ``logits`` itself)."""
     scale = grad_out.to(torch.float32).masked_fill(~valid, 0.0).contiguous()
     grad[:, valid.shape[1] :].zero_()
-    row_target, shift = _soft_target_args(valid, targets, label_shift)
     launch_rows(
-        _kl_backward_kernel,
+        _pair_backward_kernel,
         valid,
         grad,
         logits,
         ref_logits,
         valid.contiguous(),
-        row_target,
-        shift,
+        _row_targets(targets, valid, mode),
+        float(param),
         lse,
-        ref_lse,
-        kl,
+        aux,
+        value,
         scale,
         valid.shape[1],
         logits.shape[-1],
         *logits.stride(),
         *ref_logits.stride(),
         *grad.stride(),
-        FORWARD_KL=forward_kl and targets is None,
-        SOFT_TARGET=targets is not None,
+        MODE=MODES[mode],
         BLOCK_V=block_size(logits.shape[-1]),
         inputs=2,
     )

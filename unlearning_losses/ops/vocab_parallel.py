@@ -22,7 +22,9 @@ from ..sharding import VocabShard
 from .chunked import (
     accumulation_dtype,
     floored_logprob,
-    log_ratio,
+    pair_gradient,
+    pair_scores,
+    pair_value,
     row_chunks,
     row_groups,
     zero_outside,
@@ -112,8 +114,8 @@ class VocabParallelTokenKL(torch.autograd.Function):
         for b, t in row_chunks(groups, local_vocab):
             logp = logits[b, t].to(acc) - lse[b, t, None]
             logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            first, second = (logp, logq) if forward_kl else (logq, logp)
-            partial[b, t] = (first.exp() * log_ratio(first, second)).sum(-1)
+            mode = "kl_forward" if forward_kl else "kl_reverse"
+            partial[b, t] = pair_value(*pair_scores(logp, logq, mode, 0.0))
         dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
         kl = torch.where(valid, partial, 0.0)
         ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl)
@@ -131,12 +133,8 @@ class VocabParallelTokenKL(torch.autograd.Function):
         for b, t in row_chunks(ctx.groups, logits.shape[-1]):
             logp = logits[b, t].to(acc) - lse[b, t, None]
             logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            probs = logp.exp()
-            if ctx.forward_kl:
-                # d KL(P||Q) / d z_j = p_j (log p_j - log q_j - KL)
-                inner = log_ratio(logp, logq).sub_(kl[b, t, None]).mul_(probs)
-            else:
-                # d KL(Q||P) / d z_j = p_j - q_j
-                inner = probs.sub_(logq.exp_())
+            mode = "kl_forward" if ctx.forward_kl else "kl_reverse"
+            weights, scores = pair_scores(logp, logq, mode, 0.0)
+            inner = pair_gradient(logp, weights, scores, kl[b, t], mode)
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
