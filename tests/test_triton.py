@@ -212,3 +212,54 @@ def test_triton_soft_targets_equal_the_chunked_path(dtype, vocab, loss):
     torch.testing.assert_close(value_t, value_c, rtol=1e-5, atol=1e-5)
     tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(grad_t.float(), grad_c.float(), rtol=tol, atol=tol)
+
+
+def _near_identical(dtype, scale):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 4, 256, generator=g, dtype=torch.float64) * 2
+    noise = torch.randn(2, 4, 256, generator=g, dtype=torch.float64)
+    return base.to(dtype).to(DEVICE), (base + scale * noise).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_kl_of_a_model_equal_to_its_reference_is_exactly_zero(backend, direction, dtype):
+    logits, _ = _near_identical(dtype, 0.0)
+    x = logits.clone().requires_grad_()
+    value = kl_divergence(x, logits, None, direction=direction, backend=backend)
+    (grad,) = torch.autograd.grad(value, x)
+    assert value.item() == 0.0
+    assert grad.abs().max().item() == 0.0
+
+
+#: The gradient's error bound in units of the dtype's epsilon (max-norm, relative to float64 math
+#: on the same rounded inputs), with logits 1e-2 apart. Triton in float32: q = exp(log q) carries
+#: the rounding of its argument, eps |log q| (4.0 units measured). The chunked path forms p - q from two float32
+#: softmaxes: within half-precision rounding, not float32's (measured: 63 to 113 units).
+NEAR_UNITS = {
+    ("triton", torch.float16): 2.0,
+    ("triton", torch.bfloat16): 2.0,
+    ("triton", torch.float32): 8.0,
+    ("torch", torch.float16): 2.0,
+    ("torch", torch.bfloat16): 2.0,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_kl_gradient_near_the_reference_within_the_dtype_rounding(backend, direction, dtype):
+    units = NEAR_UNITS.get((backend, dtype))
+    if units is None:
+        pytest.skip("the chunked path's float32 p - q cancels (see NEAR_UNITS)")
+    logits, ref_logits = _near_identical(dtype, 1e-2)
+    exact = logits.double().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        ref.kl_divergence(exact, ref_logits.double(), None, direction=direction), exact
+    )
+    x = logits.clone().requires_grad_()
+    value = kl_divergence(x, ref_logits, None, direction=direction, backend=backend)
+    (grad,) = torch.autograd.grad(value, x)
+    error = (grad.double() - expected).abs().max() / expected.abs().max()
+    assert error <= units * torch.finfo(dtype).eps
