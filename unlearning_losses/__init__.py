@@ -21,6 +21,7 @@ from .losses.linear import (
 from .losses.logprobs import token_logprobs
 from .losses.nll import ga_loss, idk_loss, nll_loss
 from .losses.npo import npo_loss
+from .losses.pdu import logit_margin_loss, pdu_dual_update, pdu_loss
 from .losses.rmu import rmu_control_vector, rmu_loss
 from .losses.simnpo import simnpo_loss
 from .losses.soft_targets import ceu_loss, undial_loss
@@ -45,9 +46,12 @@ __all__ = [
     "linear_npo_loss",
     "linear_simnpo_loss",
     "linear_token_logprobs",
+    "logit_margin_loss",
     "negate_task_vector",
     "nll_loss",
     "npo_loss",
+    "pdu_dual_update",
+    "pdu_loss",
     "rmu_control_vector",
     "rmu_loss",
     "satimp_loss",

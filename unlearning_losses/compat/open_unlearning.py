@@ -1,6 +1,6 @@
 """open-unlearning's trainers' losses, computed from logits (or activations for RMU).
 
-GradDiff, NPO, SimNPO, DPO, WGA, SatImp, UNDIAL, CE-U and RMU. Each trainer but CE-U returns
+GradDiff, NPO, SimNPO, DPO, WGA, SatImp, UNDIAL, CE-U, RMU and PDU. Each trainer but CE-U returns
 ``gamma * forget + alpha * retain``, the retain term being the Hugging Face NLL
 (``retain_loss_type="NLL"``) or :func:`retain_kl_loss` against a frozen reference (``"KL"``); RMU's
 is its activation-matching term. Defaults are those of the trainer classes. Every quirk that moves
@@ -18,11 +18,14 @@ from torch import Tensor
 from .. import _checks, _tokens
 from ..losses.kl import kl_divergence
 from ..losses.nll import ga_loss, nll_loss
-from ..losses.rmu import activation_distance, checked_rmu_inputs
+from ..losses.pdu import logit_margin_loss
+from ..losses.pdu import pdu_loss as _pdu_loss
+from ..losses.rmu import checked_rmu_inputs
 from ..losses.soft_targets import ceu_loss as _ceu_loss
 from ..losses.weighted import satimp_loss as _satimp_loss
 from ..losses.weighted import wga_loss as _wga_loss
 from ..ops import Backend, label_logprobs, soft_target_cross_entropy
+from ..reductions import sequence_sums
 
 RetainLossType = Literal["NLL", "KL"]
 
@@ -372,6 +375,17 @@ def ceu_loss(
     )
 
 
+def _broadcast_activation_loss(hidden: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """open-unlearning's ``compute_activation_loss``: per sequence, ``S_i`` the sum over valid
+    positions of ``mean_H (h - target)^2`` and ``N_i`` their count; ``S / N`` divides a ``[B]``
+    by a ``[B, 1]``, which broadcasts to ``[B, B]``, so its mean is ``mean(S) * mean(1 / N)``."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    per_position = (hidden.to(acc) - target.detach().to(acc)).square().mean(-1)
+    sums, counts = sequence_sums(per_position, valid)
+    inverse_counts = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)
+    return sums.mean() * inverse_counts.mean()
+
+
 def rmu_loss(
     forget_hidden: Tensor,
     forget_labels: Tensor,
@@ -384,14 +398,16 @@ def rmu_loss(
     alpha: float = 1.0,
     ignore_index: int = -100,
 ) -> Tensor:
-    r"""open-unlearning's RMU with ``retain_loss_type="EMBED_DIFF"``:
-    $\gamma\,F + \alpha\,R$, each term the mean over sequences of the sequence's mean over
-    its valid positions of $\frac{1}{H}\lVert h - \text{target}\rVert^2$.
+    r"""open-unlearning's RMU with ``retain_loss_type="EMBED_DIFF"``: $\gamma\,F + \alpha\,R$.
 
-    Quirk kept: sequences are averaged, not tokens (a short answer weighs as much as a long one);
-    :func:`unlearning_losses.rmu_loss` averages over tokens. Difference: a sequence without a valid
-    position contributes 0 here, NaN there. ``control_vector`` is ``(H,)``; open-unlearning's
-    config uses ``steering_coeff=300``, ``alpha=1000``.
+    Quirk kept: each term is what ``compute_activation_loss`` computes,
+    $\overline{S}\cdot\overline{1/N}$ (the mean over sequences of $S_i$ times the mean of
+    $1/N_i$), where the intended value is $\overline{S/N}$: $S_i$ is sequence *i*'s sum over
+    its valid positions of $\frac{1}{H}\lVert h - \text{target}\rVert^2$ and $N_i$ their
+    count, and dividing the ``[B]`` sums by ``[B, 1]`` counts broadcasts to ``[B, B]``. The two
+    agree only when every sequence has as many valid positions; :func:`unlearning_losses.rmu_loss`
+    averages over tokens. Difference: a sequence without a valid position makes their value
+    ``inf`` or NaN; here its $1/N_i$ counts as 0. ``control_vector`` is ``(H,)``.
     """
     gamma, alpha = _weights(gamma, alpha)
     forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
@@ -405,6 +421,47 @@ def rmu_loss(
             ignore_index,
         )
     )
-    forget = activation_distance(forget_hidden, control_vector, forget_valid, per_sequence=True)
-    retain = activation_distance(retain_hidden, ref_retain_hidden, retain_valid, per_sequence=True)
+    forget = _broadcast_activation_loss(forget_hidden, control_vector, forget_valid)
+    retain = _broadcast_activation_loss(retain_hidden, ref_retain_hidden, retain_valid)
     return gamma * forget + alpha * retain
+
+
+def _float32_rounded(number: float) -> float:
+    return float(torch.tensor(number, dtype=torch.float32))
+
+
+def pdu_loss(
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor,
+    retain_labels: Tensor,
+    *,
+    dual: float = 1.0,
+    gamma: float = 1.0,
+    retain_loss_eps: float = 0.0,
+    retain_loss_type: RetainLossType = "NLL",
+    ref_retain_logits: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""open-unlearning's PDU: $\gamma F + \lambda\,(\text{retain} - \epsilon)$ with
+    $F$ the squared margin of the largest logit over the mean logit,
+    :func:`unlearning_losses.pdu_loss` around :func:`unlearning_losses.logit_margin_loss`.
+
+    ``dual`` is the trainer's ``preferences[1]`` ($\lambda$, its ``alpha`` at the start), which it
+    raises after each step with :func:`unlearning_losses.pdu_dual_update` (``primal_dual=True``,
+    after ``dual_warmup_epochs``).
+
+    Quirks kept: the forget mask is not shifted against the logits: position ``t``'s logits count
+    where ``labels[t]`` is not ignored (the logits that predict ``labels[t + 1]``), so the last
+    answer position's logits count and the prompt's last position's do not
+    (:func:`unlearning_losses.logit_margin_loss` shifts, ``shift=True``); and the two weights are
+    rounded to float32 (``torch.tensor(preferences)``) before they scale the losses.
+    """
+    gamma = _float32_rounded(_checks.check_finite_number(gamma, "gamma"))
+    dual = _float32_rounded(_checks.check_finite_number(dual, "dual", nonnegative=True))
+    forget = logit_margin_loss(forget_logits, forget_labels, ignore_index=ignore_index, shift=False)
+    retain = _retain_term(
+        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
+    )
+    return _pdu_loss(forget, retain, dual=dual, retain_epsilon=retain_loss_eps, gamma=gamma)

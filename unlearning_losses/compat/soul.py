@@ -1,4 +1,4 @@
-"""The SOUL repository's unlearning trainers (GA+FT, KL+FT, NPO), computed from logits.
+"""SOUL's unlearning trainers (GA+FT, GA+KL, KL, NPO, and the seed's KL+FT), computed from logits.
 
 Their ``compute_loss`` methods combine Hugging Face ``outputs.loss`` (the token-mean NLL under the
 causal-LM shift) of a forget and a retain batch. The functions here give the same numbers through
@@ -7,16 +7,16 @@ this library's fused primitives, so a SOUL run can be reproduced in any training
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import _checks
-from ..losses.kl import kl_divergence
 from ..losses.nll import ga_loss, nll_loss
 from ..losses.npo import npo_loss as _npo_loss
-from ..ops import Backend
+from ..ops import Backend, reference_cross_entropy
+
+#: SOUL's additive epsilon inside ``log(q + eps)``.
+SOUL_EPSILON = 1e-12
 
 
 def ga_ft_loss(
@@ -40,6 +40,22 @@ def ga_ft_loss(
     return forget + gamma * retain
 
 
+def _soul_cross_entropy(logits: Tensor, ref_logits: Tensor, name: str, backend: Backend) -> Tensor:
+    """SOUL's ``kl_loss``: ``-sum_v p_v log(q_v + 1e-12)`` averaged over every ``B x T`` row."""
+    logits = _checks.check_logits(logits, name)
+    ref_logits = _checks.check_like(ref_logits, logits, f"ref_{name}", name)
+    batched = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    every_row = torch.ones(batched.shape[:2], dtype=torch.bool, device=logits.device)
+    per_row = reference_cross_entropy(
+        batched,
+        ref_logits.reshape(batched.shape),
+        every_row,
+        eps=SOUL_EPSILON,
+        backend=backend,
+    )
+    return per_row.mean()
+
+
 def kl_ft_loss(
     forget_logits: Tensor,
     ref_forget_logits: Tensor,
@@ -50,25 +66,64 @@ def kl_ft_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""SOUL's KL+FT: $-\gamma H + L_r$.
+    r"""The seed's KL+FT: $-\gamma H_f + L_r$.
 
     Quirks kept: SOUL's "kl_loss" $H$ is a cross-entropy,
-    $-\sum_v p_\theta(v) \log(p_{ref}(v) + 10^{-12})$, not a KL divergence, and it is averaged
-    over **all** ``B x T`` positions of the forget batch, prompt and padding included, without the
-    causal-LM shift. Here $H = \mathrm{KL}(P_\theta \| P_{ref}) + \mathcal{H}(P_\theta)$, with
-    the entropy $\mathcal{H}(P) = \log V - \mathrm{KL}(P \| U)$ against the uniform $U$;
-    the $10^{-12}$ moves the value only where a reference probability is below about
-    $10^{-6}$ times the model's.
+    $-\sum_v p_\theta(v) \log(p_{ref}(v) + 10^{-12})$, not a KL divergence, averaged over
+    **all** ``B x T`` positions of the forget batch, prompt and padding included, without the
+    causal-LM shift; the $10^{-12}$ is kept too (it caps $-\log p_{ref}$ at 27.6 where the
+    reference's probability underflows, which KL ascent seeks out).
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
-    forget_logits = _checks.check_logits(forget_logits, "forget_logits")
-    uniform = torch.zeros((), dtype=forget_logits.dtype, device=forget_logits.device)
-    uniform = uniform.expand(forget_logits.shape)
-    kl_to_ref = kl_divergence(forget_logits, ref_forget_logits, backend=backend)
-    kl_to_uniform = kl_divergence(forget_logits, uniform, backend=backend)
-    cross_entropy = kl_to_ref + (math.log(forget_logits.shape[-1]) - kl_to_uniform)
+    cross_entropy = _soul_cross_entropy(forget_logits, ref_forget_logits, "forget_logits", backend)
     retain = nll_loss(retain_logits, retain_labels, ignore_index=ignore_index, backend=backend)
     return -gamma * cross_entropy + retain
+
+
+def kl_loss(
+    forget_logits: Tensor,
+    ref_forget_logits: Tensor,
+    retain_logits: Tensor,
+    ref_retain_logits: Tensor,
+    *,
+    gamma: float = 1.0,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""SOUL's ``KL`` trainer: $-\gamma H_f + H_r$, with SOUL's cross-entropy to the frozen
+    model on both sets.
+
+    Quirks kept: $H$ as in :func:`kl_ft_loss` (a cross-entropy with $+10^{-12}$ inside the log,
+    averaged over every position, no shift, no mask) on the forget **and** the retain batch; the
+    retain term has no weight. Labels are never read.
+    """
+    gamma = _checks.check_finite_number(gamma, "gamma")
+    forget = _soul_cross_entropy(forget_logits, ref_forget_logits, "forget_logits", backend)
+    retain = _soul_cross_entropy(retain_logits, ref_retain_logits, "retain_logits", backend)
+    return -gamma * forget + retain
+
+
+def ga_kl_loss(
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor,
+    ref_retain_logits: Tensor,
+    *,
+    gamma: float = 1.0,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""SOUL's ``GA_KL`` trainer ("GA+KL"): $-L_f + \gamma H_r$, $L_f$ the Hugging Face
+    token-mean NLL of the forget batch and $H_r$ SOUL's cross-entropy to the frozen model on the
+    retain batch (as in :func:`kl_ft_loss`).
+
+    Note: SOUL's ``get_unlearn_method("GA+KL")`` builds this trainer without ``if_kl=True``, so it
+    has no frozen model and cannot run as shipped; this is what its ``compute_loss`` computes once
+    one is given. Difference: a forget batch without a valid label gives 0 here, NaN there.
+    """
+    gamma = _checks.check_finite_number(gamma, "gamma")
+    forget = ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
+    retain = _soul_cross_entropy(retain_logits, ref_retain_logits, "retain_logits", backend)
+    return forget + gamma * retain
 
 
 def npo_loss(
