@@ -327,7 +327,7 @@ def test_open_unlearning_ceu_skips_the_first_answer_token(batch):
     )
 
 
-def test_open_unlearning_rmu_averages_sequences_not_tokens():
+def test_open_unlearning_rmu_divides_sums_by_counts_with_a_broadcast():
     g = torch.Generator().manual_seed(5)
     forget = torch.randn(3, 7, 16, generator=g)
     retain = torch.randn(2, 5, 16, generator=g)
@@ -335,13 +335,13 @@ def test_open_unlearning_rmu_averages_sequences_not_tokens():
     control = torch.rand(16, generator=g)
     control = control / control.norm() * 20
     forget_labels = torch.randint(0, 10, (3, 7), generator=g)
-    forget_labels[0, :5] = -100  # a short answer weighs as much as a long one there
+    forget_labels[0, :5] = -100  # unequal lengths: mean(S / N) and mean(S) * mean(1 / N) differ
     retain_labels = torch.randint(0, 10, (2, 5), generator=g)
 
     def activation_loss(a, b, mask):
         squared = F.mse_loss(a, b, reduction="none")
         per_sequence = (squared * mask[..., None]).mean(2).sum(1)
-        return (per_sequence / mask.sum(-1)).mean()
+        return (per_sequence / mask.sum(-1, keepdim=True)).mean()  # [B] / [B, 1]: [B, B]
 
     def theirs(x):
         forget_term = activation_loss(x, control.expand_as(x), forget_labels != -100)
