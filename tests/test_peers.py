@@ -525,7 +525,5 @@ ONE_RETAIN = {"CEU", "RMU"}
 def test_open_unlearning_compat_equals_its_compute_loss(peers, method, retain_loss_type, dtype):
     if method in ONE_RETAIN and retain_loss_type == "KL":
         pytest.skip(f"{method} has no KL retain variant")
-    if method == "RMU" and dtype == torch.float64:
-        pytest.xfail("RMU: 1.7e-8 relative apart in float64 (float32 passes); cause not found yet")
     cls, attributes, ours = _ou_cases(peers, retain_loss_type)[method]
     _run_case(peers, cls, attributes, ours, _ou_inputs(peers, method), dtype, TOLERANCE[dtype])

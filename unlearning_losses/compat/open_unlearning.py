@@ -382,7 +382,7 @@ def _broadcast_activation_loss(hidden: Tensor, target: Tensor, valid: Tensor) ->
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     per_position = (hidden.to(acc) - target.detach().to(acc)).square().mean(-1)
     sums, counts = sequence_sums(per_position, valid)
-    inverse_counts = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)
+    inverse_counts = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(sums.dtype), 0.0)
     return sums.mean() * inverse_counts.mean()
 
 
