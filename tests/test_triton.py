@@ -263,3 +263,24 @@ def test_kl_gradient_near_the_reference_within_the_dtype_rounding(backend, direc
     (grad,) = torch.autograd.grad(value, x)
     error = (grad.double() - expected).abs().max() / expected.abs().max()
     assert error <= units * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_soul_reference_cross_entropy_kernel_equals_the_chunked_path(dtype):
+    """SOUL's ``-sum p log(q + 1e-12)`` with a reference sharp enough that some q underflow."""
+    from unlearning_losses.compat import soul
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 5, 300, generator=g).to(dtype).to(DEVICE)
+    ref_logits = (torch.randn(2, 5, 300, generator=g) * 12).to(dtype).to(DEVICE)
+
+    def run(backend):
+        x = logits.clone().requires_grad_()
+        value = soul.kl_loss(x, ref_logits, x, ref_logits, gamma=0.5, backend=backend)
+        (grad,) = torch.autograd.grad(value, x)
+        return value, grad
+
+    (value, grad), (expected, expected_grad) = run("triton"), run("torch")
+    assert (torch.softmax(ref_logits.float(), -1) < 1e-12).any()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=2e-2, atol=1e-4)
