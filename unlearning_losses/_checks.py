@@ -26,19 +26,27 @@ def check_tensor(value: object, name: str) -> Tensor:
 
 
 def check_logits(logits: object, name: str = "logits") -> Tensor:
-    """Logits are a floating tensor of shape (B, T, V) or (N, V) with V >= 1."""
-    logits = check_tensor(logits, name)
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {logits.dtype}")
-    if logits.dim() not in (2, 3):
-        axis = "H" if "hidden" in name else "V"
+    """Logits: a floating tensor of shape (B, T, V) or (N, V) with V >= 1."""
+    return _check_per_token(logits, name, "V", "a vocabulary size")
+
+
+def check_hidden(hidden: object, name: str = "hidden") -> Tensor:
+    """Hidden states (activations): a floating tensor of shape (B, T, H) or (N, H) with H >= 1."""
+    return _check_per_token(hidden, name, "H", "a hidden size")
+
+
+def _check_per_token(value: object, name: str, axis: str, size: str) -> Tensor:
+    tensor = check_tensor(value, name)
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {tensor.dtype}")
+    if tensor.dim() not in (2, 3):
         raise ValueError(
-            f"{name} must have shape (B, T, {axis}) or (N, {axis}); got {logits.dim()} "
-            f"dimensions {_shape(logits)}"
+            f"{name} must have shape (B, T, {axis}) or (N, {axis}); got {tensor.dim()} "
+            f"dimensions {_shape(tensor)}"
         )
-    if logits.shape[-1] < 1:
-        raise ValueError(f"{name} must have a vocabulary size of at least 1; got {_shape(logits)}")
-    return logits
+    if tensor.shape[-1] < 1:
+        raise ValueError(f"{name} must have {size} of at least 1; got {_shape(tensor)}")
+    return tensor
 
 
 def check_labels(

@@ -33,6 +33,12 @@ class Tokens:
     name: str = "logits"
     """The caller's name of the logits, for messages."""
 
+    @property
+    def hidden(self) -> Tensor:
+        """``logits`` by the name of what the fused-linear losses align: hidden states
+        ``(B, T, H)``, whose logits are formed chunk by chunk later."""
+        return self.logits
+
     def batched(self, like: Tensor) -> Tensor:
         """A tensor shaped like the caller's logits, in the ``(B, T, V)`` layout of ``self.logits``."""
         return like.unsqueeze(0) if self.flat else like
@@ -76,10 +82,11 @@ def align(
     vocab_group: object = None,
     sequence_group: object = None,
     vocab_parallel: bool = True,
+    hidden: bool = False,
 ) -> Tokens:
     """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1).
 
-    For the fused-linear losses ``logits`` is the hidden states (``name="hidden"``) and
+    For the fused-linear losses ``logits`` is the hidden states (``hidden=True``) and
     ``vocab_size`` comes from the head. With ``vocab_group`` the logits are this rank's shard of
     the vocabulary, and labels index the whole of it; with ``sequence_group`` every sequence's
     positions are split over that group. DTensor logits bring their groups in their placements
@@ -88,7 +95,7 @@ def align(
     _checks.check_bool(shift, "shift")
     _checks.check_bool(validate, "validate")
     logits, split, global_shape = _local_logits(
-        logits, name, vocab_group, sequence_group, vocab_parallel
+        logits, name, vocab_group, sequence_group, vocab_parallel, hidden
     )
     flat = logits.dim() == 2
     if split.sequence_group is not None and shift and not flat:
@@ -123,9 +130,12 @@ def align_all_positions(
     name: str = "logits",
     vocab_group: object = None,
     vocab_parallel: bool = True,
+    hidden: bool = False,
 ) -> Tokens:
     """Every position of ``logits`` counts (no labels, no shift)."""
-    logits, split, global_shape = _local_logits(logits, name, vocab_group, None, vocab_parallel)
+    logits, split, global_shape = _local_logits(
+        logits, name, vocab_group, None, vocab_parallel, hidden
+    )
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)
@@ -147,13 +157,16 @@ def _local_logits(
     vocab_group: Any,
     sequence_group: Any,
     vocab_parallel: bool,
+    hidden: bool,
 ) -> tuple[Tensor, Sharding, tuple[int, ...]]:
-    """Checked logits as this rank's local tensor, how they are spread over ranks, and the
-    caller's per-token shape over all of them (DTensor logits; else empty)."""
+    """Checked logits (hidden states with ``hidden``) as this rank's local tensor, how they are
+    spread over ranks, and the caller's per-token shape over all of them (DTensor input; else
+    empty)."""
+    check = _checks.check_hidden if hidden else _checks.check_logits
     if not sharding.is_dtensor(logits):
-        logits = _checks.check_logits(logits, name)
+        logits = check(logits, name)
         return logits, sharding.from_groups(logits, vocab_group, sequence_group), ()
-    _checks.check_logits(logits, name)
+    check(logits, name)
     if vocab_group is not None or sequence_group is not None:
         raise ValueError(
             f"{name} is a DTensor, whose placements give its groups; pass vocab_group and "

@@ -9,6 +9,8 @@ a number is kept and named; where open-unlearning gives NaN (an empty selection)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,6 +27,7 @@ from ..losses.soft_targets import ceu_loss as _ceu_loss
 from ..losses.weighted import satimp_loss as _satimp_loss
 from ..losses.weighted import wga_loss as _wga_loss
 from ..ops import Backend, label_logprobs, soft_target_cross_entropy
+from ..ops.chunked import accumulation_dtype
 from ..reductions import sequence_sums
 
 RetainLossType = Literal["NLL", "KL"]
@@ -41,23 +44,42 @@ def retain_kl_loss(logits: Tensor, ref_logits: Tensor, *, backend: Backend = "au
     return kl_divergence(logits, ref_logits, direction="reverse", backend=backend)
 
 
-def _retain_term(
-    retain_logits: Tensor,
-    retain_labels: Tensor,
-    retain_loss_type: str,
-    ref_retain_logits: Tensor | None,
-    ignore_index: int,
-    backend: Backend,
+@dataclass(frozen=True)
+class _Retain:
+    """A trainer's retain term: the Hugging Face NLL (``"NLL"``) or :func:`retain_kl_loss` against
+    a frozen reference (``"KL"``); the choice checked on construction, before any heavy work."""
+
+    logits: Tensor
+    labels: Tensor
+    loss_type: str
+    ref_logits: Tensor | None
+    ignore_index: int
+    backend: Backend
+
+    def __post_init__(self) -> None:
+        _checks.check_choice(self.loss_type, ("NLL", "KL"), "retain_loss_type")
+        if self.loss_type == "KL" and self.ref_logits is None:
+            raise ValueError('retain_loss_type="KL" needs ref_retain_logits; got None')
+
+    def term(self) -> Tensor:
+        if self.ref_logits is None or self.loss_type == "NLL":
+            return nll_loss(
+                self.logits, self.labels, ignore_index=self.ignore_index, backend=self.backend
+            )
+        return retain_kl_loss(self.logits, self.ref_logits, backend=self.backend)
+
+
+def _weighted_sum(
+    gamma: float, forget: Callable[[], Tensor], alpha: float, retain: _Retain
 ) -> Tensor:
-    _checks.check_choice(retain_loss_type, ("NLL", "KL"), "retain_loss_type")
-    if retain_loss_type == "NLL":
-        return nll_loss(retain_logits, retain_labels, ignore_index=ignore_index, backend=backend)
-    if ref_retain_logits is None:
-        raise ValueError('retain_loss_type="KL" needs ref_retain_logits; got None')
-    return retain_kl_loss(retain_logits, ref_retain_logits, backend=backend)
+    """open-unlearning's combination ``gamma * forget + alpha * retain``, the weights checked
+    before either term is computed."""
+    gamma = _checks.check_finite_number(gamma, "gamma")
+    alpha = _checks.check_finite_number(alpha, "alpha")
+    return gamma * forget() + alpha * retain.term()
 
 
-def _summed_log_ratio(
+def _sequence_log_ratio_sums(
     logits: Tensor,
     ref_logits: Tensor,
     labels: Tensor,
@@ -84,10 +106,6 @@ def _summed_log_ratio(
     return (logprobs - ref_logprobs).sum(-1)
 
 
-def _weights(gamma: float, alpha: float) -> tuple[float, float]:
-    return _checks.check_finite_number(gamma, "gamma"), _checks.check_finite_number(alpha, "alpha")
-
-
 def grad_diff_loss(
     forget_logits: Tensor,
     forget_labels: Tensor,
@@ -102,12 +120,14 @@ def grad_diff_loss(
     backend: Backend = "auto",
 ) -> Tensor:
     r"""open-unlearning's GradDiff: $-\gamma L_f + \alpha\,\text{retain}$, HF token-mean NLLs."""
-    gamma, alpha = _weights(gamma, alpha)
-    forget = ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        return ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def npo_loss(
@@ -132,16 +152,18 @@ def npo_loss(
     Quirk kept: a sequence without a valid label enters the mean with $\Delta_i = 0$, adding
     $2\log 2/\beta$; :func:`unlearning_losses.npo_loss` leaves it out.
     """
-    gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    delta = _summed_log_ratio(
-        forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
-    )
-    forget = (F.softplus(beta * delta) * (2.0 / beta)).mean()
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        delta = _sequence_log_ratio_sums(
+            forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
+        )
+        return (F.softplus(beta * delta) * (2.0 / beta)).mean()
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def simnpo_loss(
@@ -167,20 +189,22 @@ def simnpo_loss(
     scored; every sequence enters the mean. Difference: a sequence with $n_i = 0$ divides 0 by
     0 (NaN) there; here $n_i$ is taken as 1.
     """
-    gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
-    tokens = _tokens.align(
-        forget_logits, forget_labels, ignore_index=ignore_index, shift=True, backend=backend
-    )
-    logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
-    unshifted_count = (tokens.batched(forget_labels) != ignore_index).sum(-1).clamp(min=1)
-    mean_nll = -logprobs.sum(-1) / unshifted_count
-    forget = (F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)).mean()
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        tokens = _tokens.align(
+            forget_logits, forget_labels, ignore_index=ignore_index, shift=True, backend=backend
+        )
+        logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+        unshifted_count = (tokens.batched(forget_labels) != ignore_index).sum(-1).clamp(min=1)
+        mean_nll = -logprobs.sum(-1) / unshifted_count
+        return (F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)).mean()
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def dpo_loss(
@@ -209,24 +233,31 @@ def dpo_loss(
     :func:`unlearning_losses.dpo_loss` have none), and pairs without a valid label enter the mean
     with $\Delta = 0$. $\Delta$ is the summed log-ratio to the reference.
     """
-    gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    lose = _summed_log_ratio(
-        forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
-    )
-    win = _summed_log_ratio(
-        alternate_logits, ref_alternate_logits, alternate_labels, "alternate", ignore_index, backend
-    )
-    if win.shape != lose.shape:
-        raise ValueError(
-            f"alternate_logits must hold as many sequences as forget_logits ({lose.shape[0]}); "
-            f"got {win.shape[0]}"
-        )
-    forget = (F.logsigmoid(beta * (win - lose)) * (-2.0 / beta)).mean()
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        lose = _sequence_log_ratio_sums(
+            forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
+        )
+        win = _sequence_log_ratio_sums(
+            alternate_logits,
+            ref_alternate_logits,
+            alternate_labels,
+            "alternate",
+            ignore_index,
+            backend,
+        )
+        if win.shape != lose.shape:
+            raise ValueError(
+                f"alternate_logits must hold as many sequences as forget_logits ({lose.shape[0]}); "
+                f"got {win.shape[0]}"
+            )
+        return (F.logsigmoid(beta * (win - lose)) * (-2.0 / beta)).mean()
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def wga_loss(
@@ -246,14 +277,16 @@ def wga_loss(
     r"""open-unlearning's WGA: $\gamma\,$ :func:`unlearning_losses.wga_loss`
     $+\ \alpha\,\text{retain}$; its forget term is the same token mean of
     $\operatorname{sg}[p^\beta]\,\ell$. No quirk in the forget term."""
-    gamma, alpha = _weights(gamma, alpha)
-    forget = _wga_loss(
-        forget_logits, forget_labels, beta=beta, ignore_index=ignore_index, backend=backend
-    )
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        return _wga_loss(
+            forget_logits, forget_labels, beta=beta, ignore_index=ignore_index, backend=backend
+        )
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def satimp_loss(
@@ -274,19 +307,21 @@ def satimp_loss(
     r"""open-unlearning's SatImp: $\gamma\,$ :func:`unlearning_losses.satimp_loss`
     $+\ \alpha\,\text{retain}$ (note its default $\alpha = 0.1$). No quirk in the
     forget term."""
-    gamma, alpha = _weights(gamma, alpha)
-    forget = _satimp_loss(
-        forget_logits,
-        forget_labels,
-        beta1=beta1,
-        beta2=beta2,
-        ignore_index=ignore_index,
-        backend=backend,
-    )
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        return _satimp_loss(
+            forget_logits,
+            forget_labels,
+            beta1=beta1,
+            beta2=beta2,
+            ignore_index=ignore_index,
+            backend=backend,
+        )
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def undial_loss(
@@ -313,41 +348,43 @@ def undial_loss(
     :func:`unlearning_losses.undial_loss` counts answer tokens only. The class default
     $\beta = 1$ is kept; open-unlearning's config sets 10.
     """
-    gamma, alpha = _weights(gamma, alpha)
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
-    tokens = _tokens.align(
-        forget_logits,
-        forget_labels,
-        ignore_index=ignore_index,
-        shift=True,
-        backend=backend,
-        name="forget_logits",
-        labels_name="forget_labels",
-    )
-    ref_forget_logits = _checks.check_like(
-        ref_forget_logits, forget_logits, "ref_forget_logits", "forget_logits"
-    )
-    vocab = tokens.logits.shape[-1]
-    # Decided from ignore_index alone, without reading the labels: no device sync.
-    if ignore_index < -vocab:
-        raise ValueError(
-            f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
-            f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
-        )
-    wrapped = torch.where(tokens.targets < 0, tokens.targets + vocab, tokens.targets)
-    per_token = soft_target_cross_entropy(
-        tokens.logits,
-        tokens.batched(ref_forget_logits),
-        wrapped,
-        torch.ones_like(tokens.valid),
-        label_shift=beta,
-        backend=backend,
-    )
-    forget = per_token.mean()
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return gamma * forget + alpha * retain
+
+    def forget() -> Tensor:
+        tokens = _tokens.align(
+            forget_logits,
+            forget_labels,
+            ignore_index=ignore_index,
+            shift=True,
+            backend=backend,
+            name="forget_logits",
+            labels_name="forget_labels",
+        )
+        ref_checked = _checks.check_like(
+            ref_forget_logits, forget_logits, "ref_forget_logits", "forget_logits"
+        )
+        vocab = tokens.logits.shape[-1]
+        # Decided from ignore_index alone, without reading the labels: no device sync.
+        if ignore_index < -vocab:
+            raise ValueError(
+                f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
+                f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
+            )
+        wrapped = torch.where(tokens.targets < 0, tokens.targets + vocab, tokens.targets)
+        per_token = soft_target_cross_entropy(
+            tokens.logits,
+            tokens.batched(ref_checked),
+            wrapped,
+            torch.ones_like(tokens.valid),
+            label_shift=beta,
+            backend=backend,
+        )
+        return per_token.mean()
+
+    return _weighted_sum(gamma, forget, alpha, retain)
 
 
 def ceu_loss(
@@ -379,7 +416,7 @@ def _broadcast_activation_loss(hidden: Tensor, target: Tensor, valid: Tensor) ->
     """open-unlearning's ``compute_activation_loss``: per sequence, ``S_i`` the sum over valid
     positions of ``mean_H (h - target)^2`` and ``N_i`` their count; ``S / N`` divides a ``[B]``
     by a ``[B, 1]``, which broadcasts to ``[B, B]``, so its mean is ``mean(S) * mean(1 / N)``."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     per_position = (hidden.to(acc) - target.detach().to(acc)).square().mean(-1)
     sums, counts = sequence_sums(per_position, valid)
     inverse_counts = torch.where(counts > 0, 1.0 / counts.clamp(min=1).to(sums.dtype), 0.0)
@@ -409,7 +446,6 @@ def rmu_loss(
     averages over tokens. Difference: a sequence without a valid position makes their value
     ``inf`` or NaN; here its $1/N_i$ counts as 0. ``control_vector`` is ``(H,)``.
     """
-    gamma, alpha = _weights(gamma, alpha)
     forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
         checked_rmu_inputs(
             forget_hidden,
@@ -421,6 +457,8 @@ def rmu_loss(
             ignore_index,
         )
     )
+    gamma = _checks.check_finite_number(gamma, "gamma")
+    alpha = _checks.check_finite_number(alpha, "alpha")
     forget = _broadcast_activation_loss(forget_hidden, control_vector, forget_valid)
     retain = _broadcast_activation_loss(retain_hidden, ref_retain_hidden, retain_valid)
     return gamma * forget + alpha * retain
@@ -460,8 +498,8 @@ def pdu_loss(
     """
     gamma = _float32_rounded(_checks.check_finite_number(gamma, "gamma"))
     dual = _float32_rounded(_checks.check_finite_number(dual, "dual", nonnegative=True))
-    forget = logit_margin_loss(forget_logits, forget_labels, ignore_index=ignore_index, shift=False)
-    retain = _retain_term(
+    retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
-    return _pdu_loss(forget, retain, dual=dual, retain_epsilon=retain_loss_eps, gamma=gamma)
+    forget = logit_margin_loss(forget_logits, forget_labels, ignore_index=ignore_index, shift=False)
+    return _pdu_loss(forget, retain.term(), dual=dual, retain_epsilon=retain_loss_eps, gamma=gamma)

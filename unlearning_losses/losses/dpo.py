@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import _checks, _tokens, ops
 from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
-from .npo import reference_logprobs
+from .common import reference_logprobs
 
 
 def _side(
@@ -113,28 +113,28 @@ def dpo_loss(
             "rejected_logits must be split over ranks as chosen_logits are (the same batch and "
             "sequence placements)"
         )
-    ref_chosen = reference_logprobs(
-        chosen,
-        ref_chosen_logprobs,
-        ref_chosen_logits,
-        backend,
-        names=("ref_chosen_logprobs", "ref_chosen_logits"),
+    sides = (
+        ("chosen", chosen, ref_chosen_logprobs, ref_chosen_logits),
+        ("rejected", rejected, ref_rejected_logprobs, ref_rejected_logits),
     )
-    ref_rejected = reference_logprobs(
-        rejected,
-        ref_rejected_logprobs,
-        ref_rejected_logits,
-        backend,
-        names=("ref_rejected_logprobs", "ref_rejected_logits"),
+    # Both references are checked (and computed) before either side's log-prob pass.
+    references = [
+        reference_logprobs(
+            tokens, logprobs, logits, backend, names=(f"ref_{side}_logprobs", f"ref_{side}_logits")
+        )
+        for side, tokens, logprobs, logits in sides
+    ]
+    (chosen_ratio, chosen_counts), (rejected_ratio, rejected_counts) = (
+        _log_ratio_sums(tokens, reference, backend)
+        for (_, tokens, _, _), reference in zip(sides, references, strict=True)
     )
-    chosen_ratio, chosen_counts = _summed_log_ratio(chosen, ref_chosen, backend)
-    rejected_ratio, rejected_counts = _summed_log_ratio(rejected, ref_rejected, backend)
     per_pair = F.softplus(-beta * (chosen_ratio - rejected_ratio))
     nonempty = (chosen_counts + rejected_counts) > 0
     return chosen.per_sequence(sequence_reduce(per_pair, nonempty, reduction, count, split))
 
 
-def _summed_log_ratio(tokens: _tokens.Tokens, ref: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _log_ratio_sums(tokens: _tokens.Tokens, ref: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Per sequence, the summed log-ratio of the model to the reference and the valid count."""
     logprobs = ops.label_logprobs(
         tokens.logits,
         tokens.targets,

@@ -30,7 +30,7 @@ def _head(weight, bias, hidden, names=("weight", "bias")):
 
 
 def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows):
-    hidden = _checks.check_logits(hidden, "hidden")
+    hidden = _checks.check_hidden(hidden, "hidden")
     weight, bias = _head(weight, bias, hidden)
     tokens = _tokens.align(
         hidden,
@@ -42,6 +42,7 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
         name="hidden",
         vocab_size=weight.shape[0],
         vocab_parallel=False,
+        hidden=True,
     )
     _check_chunk_rows(chunk_rows)
     return tokens, weight, bias
@@ -54,7 +55,7 @@ def _check_chunk_rows(chunk_rows: object) -> None:
 
 def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
     return LinearLogprobs.apply(
-        tokens.logits,
+        tokens.hidden,
         weight,
         bias,
         tokens.targets,
@@ -66,7 +67,7 @@ def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
 
 def _scalar_scale(tokens, reduction: str, num_items) -> Tensor:
     """Each valid token's weight in a scalar reduction: 1 for ``sum``, 1 / count for ``mean``."""
-    device = tokens.logits.device
+    device = tokens.hidden.device
     if reduction == "sum":
         return torch.ones((), dtype=torch.float64, device=device)
     if num_items is None:
@@ -128,14 +129,14 @@ def linear_ga_loss(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
     if reduction == "none":
         logprobs = _logprobs(tokens, weight, bias, chunk_rows)
         return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
     scale = _scalar_scale(tokens, reduction, num_items)
     total = LinearTokenSum.apply(
-        tokens.logits,
+        tokens.hidden,
         weight,
         bias,
         tokens.targets,
@@ -225,7 +226,7 @@ def linear_npo_loss(
     else:
         ref = tokens.local(ref_logprobs, "ref_logprobs", per_token=True)
         expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
-        ref = _checks.check_token_values(ref, expected, tokens.logits, "ref_logprobs")
+        ref = _checks.check_token_values(ref, expected, tokens.hidden, "ref_logprobs")
         ref = ref.detach().reshape(tokens.targets.shape)
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
     result = npo_from_logprobs(
@@ -256,7 +257,7 @@ def linear_simnpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    count = _checks.check_mean_count(num_sequences, tokens.logits, reduction, "num_sequences")
+    count = _checks.check_mean_count(num_sequences, tokens.hidden, reduction, "num_sequences")
     logprobs = _logprobs(tokens, weight, bias, chunk_rows)
     return tokens.per_sequence(
         simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
@@ -284,9 +285,11 @@ def linear_kl_divergence(
     and ``ref_hidden`` (``ref_weight`` defaults to ``weight``). Only the model side is
     differentiated."""
     if labels is None:
-        hidden = _checks.check_logits(hidden, "hidden")
+        hidden = _checks.check_hidden(hidden, "hidden")
         weight, bias = _head(weight, bias, hidden)
-        tokens = _tokens.align_all_positions(hidden, name="hidden", vocab_parallel=False)
+        tokens = _tokens.align_all_positions(
+            hidden, name="hidden", vocab_parallel=False, hidden=True
+        )
         _check_chunk_rows(chunk_rows)
     else:
         tokens, weight, bias = _align(
@@ -295,11 +298,11 @@ def linear_kl_divergence(
     ref_tokens, ref_w, ref_b = _reference(weight, ref_hidden, ref_weight, ref_bias, tokens)
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
+    num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
     forward_kl = direction == "forward"
     if reduction == "none":
         per_token = LinearTokenKL.apply(
-            tokens.logits,
+            tokens.hidden,
             weight,
             bias,
             ref_tokens,
@@ -312,7 +315,7 @@ def linear_kl_divergence(
         return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
     scale = _scalar_scale(tokens, reduction, num_items)
     total = LinearKLSum.apply(
-        tokens.logits,
+        tokens.hidden,
         weight,
         bias,
         ref_tokens,
@@ -340,7 +343,7 @@ def linear_kl_loss(
 
 
 def _reference(weight, ref_hidden, ref_weight, ref_bias, tokens):
-    """The reference side, validated, detached and laid out like ``tokens.logits``."""
+    """The reference side, validated, detached and laid out like ``tokens.hidden``."""
     ref_hidden = tokens.like_logits(ref_hidden, "ref_hidden")
     ref_weight = weight if ref_weight is None else ref_weight
     ref_weight, ref_bias = _head(ref_weight, ref_bias, ref_hidden, ("ref_weight", "ref_bias"))

@@ -2,62 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor
 
-from .. import _checks, _tokens, ops
-from ..reductions import REDUCTIONS, Reduction, token_reduce
-
-# Given the validated tokens, the function from detached log-probs (B, L) to per-token weights.
-Weighting = Callable[[_tokens.Tokens], Callable[[Tensor], Tensor]]
-
-
-def token_mean_logprob(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    ignore_index: int,
-    shift: bool,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    backend: str,
-    validate: bool,
-    inplace_backward: bool,
-    vocab_group: object = None,
-    weighting: Weighting | None = None,
-) -> Tensor:
-    """The token reduction of ``w_t * log p(y_t)``, ``w_t = 1`` unless ``weighting`` is given.
-
-    ``weighting(tokens)`` runs after validation, before the log-prob pass (so it may check its
-    own inputs), and returns the function from the detached log-probs ``(B, L)`` to the per-token
-    weights, constants of the backward (WGA, SatImp, TNPO).
-    """
-    tokens = _tokens.align(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        backend=backend,
-        validate=validate,
-        vocab_group=vocab_group,
-    )
-    _checks.check_choice(reduction, REDUCTIONS, "reduction")
-    num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
-    weights_of = weighting(tokens) if weighting is not None else None
-    logprobs = ops.label_logprobs(
-        tokens.logits,
-        tokens.targets,
-        tokens.valid,
-        backend=backend,
-        inplace_backward=inplace_backward,
-        vocab=tokens.sharding.vocab,
-    )
-    if weights_of is not None:
-        logprobs = logprobs * weights_of(logprobs.detach())
-    return tokens.unflatten(
-        token_reduce(logprobs, tokens.valid, reduction, num_items, tokens.sharding)
-    )
+from .. import ops
+from ..reductions import Reduction
+from .common import reduce_weighted_logprobs
 
 
 def ga_loss(
@@ -108,7 +57,7 @@ def ga_loss(
         >>> labels = torch.randint(0, 13, (2, 6)); labels[:, :2] = -100
         >>> ga_loss(logits, labels).backward()
     """
-    return token_mean_logprob(
+    return reduce_weighted_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,
@@ -144,7 +93,7 @@ def nll_loss(
     Equals ``model(..., labels=labels).loss`` of a Hugging Face causal LM, computed in float32
     without a float32 copy of the logits. Arguments as :func:`ga_loss`, of which it is the negative.
     """
-    return -token_mean_logprob(
+    return -reduce_weighted_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,

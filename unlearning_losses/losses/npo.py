@@ -18,41 +18,10 @@ from ..reductions import (
     token_reduce,
 )
 from ..sharding import LOCAL, Sharding
+from .common import reference_logprobs
 
 Granularity = Literal["sequence", "sequence_mean", "token", "batch"]
 GRANULARITIES: tuple[str, ...] = ("sequence", "sequence_mean", "token", "batch")
-
-
-def reference_logprobs(
-    tokens: _tokens.Tokens,
-    ref_logprobs: Tensor | None,
-    ref_logits: Tensor | None,
-    backend: str,
-    *,
-    names: tuple[str, str] = ("ref_logprobs", "ref_logits"),
-) -> Tensor:
-    """The reference model's per-token log-probs ``(B, L)``, from exactly one of the two sources
-    (named ``names`` in messages)."""
-    logprobs_name, logits_arg = names
-    if (ref_logprobs is None) == (ref_logits is None):
-        raise ValueError(
-            f"give exactly one of {logprobs_name} or {logits_arg}; got "
-            + ("both" if ref_logprobs is not None else "neither")
-        )
-    if ref_logits is not None:
-        ref_logits = tokens.like_logits(ref_logits, logits_arg)
-        with torch.no_grad():
-            return ops.label_logprobs(
-                ref_logits,
-                tokens.targets,
-                tokens.valid,
-                backend=backend,
-                vocab=tokens.sharding.vocab,
-            )
-    ref_logprobs = tokens.local(ref_logprobs, logprobs_name, per_token=True)
-    expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
-    ref_logprobs = _checks.check_token_values(ref_logprobs, expected, tokens.logits, logprobs_name)
-    return ref_logprobs.detach().reshape(tokens.targets.shape)
 
 
 def npo_loss(

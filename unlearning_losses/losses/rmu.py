@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from ..ops.chunked import accumulation_dtype
 from ..reductions import sequence_sums, token_reduce
 
 
@@ -33,7 +34,7 @@ def rmu_control_vector(
 
 
 def _check_activations(hidden: object, name: str, like: Tensor | None = None) -> Tensor:
-    hidden = _checks.check_logits(hidden, name)
+    hidden = _checks.check_hidden(hidden, name)
     if like is not None:
         _checks.check_like(hidden, like, name, "retain_hidden")
     return hidden
@@ -97,7 +98,7 @@ def activation_distance(
 ) -> Tensor:
     """Mean over valid positions of ``mean_H (hidden - target)^2`` (float32 accumulation; the
     target is a constant), or the mean over sequences of their own position means."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     per_position = (hidden.to(acc) - target.detach().to(acc)).square().mean(-1)
     if not per_sequence:
         return token_reduce(per_position, valid, "mean", count)

@@ -14,8 +14,7 @@ from torch import Tensor
 
 from .. import _checks, _tokens, ops
 from ..reductions import Reduction
-from .nll import token_mean_logprob
-from .npo import reference_logprobs
+from .common import reduce_weighted_logprobs, reference_logprobs, weights_from_logprobs
 
 
 def wga_loss(
@@ -57,7 +56,7 @@ def wga_loss(
         vocab_group: as :func:`ga_loss`.
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
-    return token_mean_logprob(
+    return reduce_weighted_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,
@@ -68,7 +67,7 @@ def wga_loss(
         validate=validate,
         inplace_backward=inplace_backward,
         vocab_group=vocab_group,
-        weighting=lambda _: lambda logprobs: torch.exp(beta * logprobs),
+        weights_for=weights_from_logprobs(lambda logprobs: torch.exp(beta * logprobs)),
     )
 
 
@@ -117,7 +116,7 @@ def satimp_loss(
     def weights(logprobs: Tensor) -> Tensor:
         return torch.exp(beta1 * logprobs) * (-torch.expm1(logprobs)).pow(beta2)
 
-    return token_mean_logprob(
+    return reduce_weighted_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,
@@ -128,7 +127,7 @@ def satimp_loss(
         validate=validate,
         inplace_backward=inplace_backward,
         vocab_group=vocab_group,
-        weighting=lambda _: weights,
+        weights_for=weights_from_logprobs(weights),
     )
 
 
@@ -178,11 +177,15 @@ def tnpo_loss(
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
 
-    def weighting(tokens: _tokens.Tokens) -> Callable[[Tensor], Tensor]:
+    def weights_for(tokens: _tokens.Tokens) -> Callable[[Tensor], Tensor]:
         ref = reference_logprobs(tokens, ref_logprobs, ref_logits, backend)
-        return lambda logprobs: 2.0 * torch.sigmoid(beta * (logprobs - ref.to(logprobs.dtype)))
 
-    return token_mean_logprob(
+        def npo_gradient_weights(logprobs: Tensor) -> Tensor:
+            return 2.0 * torch.sigmoid(beta * (logprobs - ref.to(logprobs.dtype)))
+
+        return npo_gradient_weights
+
+    return reduce_weighted_logprobs(
         logits,
         labels,
         ignore_index=ignore_index,
@@ -193,5 +196,5 @@ def tnpo_loss(
         validate=validate,
         inplace_backward=inplace_backward,
         vocab_group=vocab_group,
-        weighting=weighting,
+        weights_for=weights_for,
     )

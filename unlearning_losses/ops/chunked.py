@@ -145,15 +145,35 @@ def logprobs_backward(
     groups = row_groups(valid, logits.shape[-1])
     zero_outside(grad, groups)
     safe_targets = torch.where(valid, targets, 0)
-    neg_scale = torch.where(valid, -grad_out.to(acc), 0.0)
-    # d log p_y / d z_j = 1[j = y] - p_j. The label entry, 1 - p_y = -expm1(log p_y), is formed in
-    # float32 (exact near p_y = 1) and rounded once.
-    label_term = (neg_scale * torch.expm1(logprobs)).to(grad.dtype)
+    scale = torch.where(valid, grad_out.to(acc), 0.0)
     for b, t in row_chunks(groups, logits.shape[-1]):
         probs = _chunk_workspace(grad[b, t], acc)
         torch.sub(logits[b, t].to(acc), lse[b, t, None], out=probs).exp_()
-        torch.mul(probs, neg_scale[b, t, None], out=grad[b, t])
-        grad[b, t].scatter_(-1, safe_targets[b, t, None], label_term[b, t, None])
+        label_gradient_(
+            probs, logprobs[b, t, None], safe_targets[b, t, None], scale[b, t, None], grad[b, t]
+        )
+
+
+def label_gradient_(
+    probs: Tensor,
+    label_logprob: Tensor,
+    targets: Tensor,
+    scale: Tensor | float,
+    out: Tensor,
+    has_label: Tensor | None = None,
+) -> None:
+    """Write ``d(scale * log p_y) / dz = scale (onehot(y) - p)`` into ``out`` (may be ``probs``).
+
+    Per-row tensors keep a trailing dimension of 1. The label entry, ``scale (1 - p_y) =
+    -scale expm1(log p_y)``, is formed from the label's log-probability (exact near p_y = 1)
+    and rounded once. ``has_label``: the rows whose label column is in this slice of the
+    vocabulary (vocabulary shards); other rows keep ``-scale p`` there.
+    """
+    torch.mul(probs, -scale, out=out)
+    label = -scale * torch.expm1(label_logprob)
+    if has_label is not None:
+        label = torch.where(has_label, label, out.gather(-1, targets))
+    out.scatter_(-1, targets, label.to(out.dtype))
 
 
 #: The per-token quantities of ``pair_forward``: P is the model's next-token distribution, Q the

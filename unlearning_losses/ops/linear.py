@@ -21,6 +21,7 @@ from .chunked import (
     CHUNK_BYTES,
     accumulation_dtype,
     floored_logprob,
+    label_gradient_,
     pair_gradient,
     pair_scores,
     pair_value,
@@ -54,18 +55,6 @@ def _cache_blocks(z: Tensor) -> Iterator[tuple[Tensor, slice]]:
     for start in range(0, flat.shape[0], step):
         rows = slice(start, min(start + step, flat.shape[0]))
         yield flat[rows], rows
-
-
-def _label_gradient_(
-    block: Tensor, lse: Tensor, logp: Tensor, index: Tensor, scale: Tensor | float
-) -> None:
-    """Overwrite rows of logits with d(scale * log p_y) / dz = scale (onehot(y) - p), in place.
-
-    ``lse``, ``logp`` (log p_y), ``index`` (y) and a tensor ``scale`` are ``(rows, 1)``. The label
-    entry, ``scale (1 - p_y) = -scale expm1(log p_y)``, is exact near p_y = 1.
-    """
-    block.sub_(lse).exp_().mul_(-scale)
-    block.scatter_(-1, index, -scale * torch.expm1(logp))
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -162,7 +151,9 @@ class LinearLogprobs(torch.autograd.Function):
                 label_logit = block.gather(-1, index)
                 picked.view(-1)[rows] = label_logit.squeeze(-1)
                 if directions is not None:
-                    _label_gradient_(block, block_lse, label_logit - block_lse, index, 1.0)
+                    label_gradient_(
+                        block.sub_(block_lse).exp_(), label_logit - block_lse, index, 1.0, block
+                    )
             lse[b, t] = chunk_lse
             out[b, t] = torch.where(
                 valid[b, t], floored_logprob(picked - chunk_lse, chunk_lse), 0.0
@@ -193,7 +184,8 @@ class LinearLogprobs(torch.autograd.Function):
             z = _logits(hidden[b, t], weight, bias, acc)
             chunk = [x[b, t].reshape(-1, 1) for x in (lse, logprobs, safe_targets, scale)]
             for block, rows in _cache_blocks(z):
-                _label_gradient_(block, *(x[rows] for x in chunk))
+                block_lse, logp, index, c = (x[rows] for x in chunk)
+                label_gradient_(block.sub_(block_lse).exp_(), logp, index, c, block)
             grads.add(b, t, hidden, weight, z)
             del z
         return (*grads.result(weight, bias), None, None, None, None)
@@ -304,7 +296,7 @@ class LinearTokenSum(torch.autograd.Function):
                 logp = block.gather(-1, index).sub_(lse)
                 total += (logp * c).sum()
                 if grads is not None:
-                    _label_gradient_(block, lse, logp, index, c)
+                    label_gradient_(block.sub_(lse).exp_(), logp, index, c, block)
             if grads is not None:
                 grads.add(b, t, hidden, weight, z)
             del z  # before the next chunk's logits exist

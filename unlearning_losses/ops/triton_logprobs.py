@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
-from .chunked import floored_logprob
+from .chunked import accumulation_dtype, floored_logprob
 
 
 @triton.jit
@@ -108,8 +108,8 @@ def _logprobs_backward_kernel(
 def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Triton counterpart of ``chunked.logprobs_forward``."""
     rows = row_targets(targets, valid)
-    out = logits.new_empty(valid.shape, dtype=_acc(logits))
-    lse = logits.new_empty(valid.shape, dtype=_acc(logits))
+    out = logits.new_empty(valid.shape, dtype=accumulation_dtype(logits.dtype))
+    lse = logits.new_empty(valid.shape, dtype=accumulation_dtype(logits.dtype))
     launch_rows(
         _logprobs_forward_kernel,
         valid,
@@ -154,9 +154,3 @@ def logprobs_backward(
         *grad.stride(),
         BLOCK_V=block_size(logits.shape[-1]),
     )
-
-
-def _acc(logits: Tensor):
-    import torch
-
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -22,6 +22,7 @@ from ..sharding import VocabShard
 from .chunked import (
     accumulation_dtype,
     floored_logprob,
+    label_gradient_,
     pair_gradient,
     pair_scores,
     pair_value,
@@ -68,24 +69,25 @@ class VocabParallelLogprobs(torch.autograd.Function):
         lse, label_logit = _global_lse(local_lse[None], vocab.group, label_logit)
         lse = lse[0]
         out = torch.where(valid, floored_logprob(label_logit - lse, lse), 0.0)
-        ctx.save_for_backward(logits, local_targets, in_shard, valid, lse)
+        ctx.save_for_backward(logits, local_targets, in_shard, valid, lse, out)
         ctx.groups = groups
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):
-        logits, local_targets, in_shard, valid, lse = ctx.saved_tensors
+        logits, local_targets, in_shard, valid, lse, logprobs = ctx.saved_tensors
         acc = lse.dtype
         grad = torch.empty_like(logits)
         zero_outside(grad, ctx.groups)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
-        label_scale = torch.where(in_shard, scale, 0.0)
         # d log p_y / d z_j = 1[j = y] - p_j, the label column living on one rank only.
         for b, t in row_chunks(ctx.groups, logits.shape[-1]):
             chunk = torch.sub(logits[b, t].to(acc), lse[b, t, None]).exp_()
-            chunk.mul_(-scale[b, t, None])
-            chunk.scatter_add_(-1, local_targets[b, t, None], label_scale[b, t, None])
+            row = (b, t, None)
+            label_gradient_(
+                chunk, logprobs[row], local_targets[row], scale[row], chunk, in_shard[row]
+            )
             grad[b, t] = chunk
         return grad, None, None, None
 
