@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
 from .common import reference_logprobs
 
@@ -35,6 +36,7 @@ def _side(
     )
 
 
+@shared_arguments
 def dpo_loss(
     chosen_logits: Tensor,
     chosen_labels: Tensor,
@@ -85,11 +87,11 @@ def dpo_loss(
         beta: inverse temperature, > 0.
         reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (``(B,)``, 0 for empty pairs).
         num_sequences: the global count of non-empty pairs (data parallel); ``"mean"`` only.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        backend: {backend}
+        validate: {validate}
+        vocab_group: {vocab_group}
         sequence_group: the context-parallel group, as :func:`npo_loss` (labels already
             shifted, ``shift=False``).
     """

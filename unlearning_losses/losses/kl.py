@@ -7,12 +7,14 @@ from typing import Literal
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 
 Direction = Literal["forward", "reverse"]
 DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 
 
+@shared_arguments
 def kl_divergence(
     logits: Tensor,
     ref_logits: Tensor,
@@ -45,21 +47,29 @@ def kl_divergence(
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``, the model being trained.
-        ref_logits: the frozen reference, same shape, dtype and device.
+        ref_logits: the frozen reference, same shape, dtype and device (with ``vocab_group``,
+            sharded like ``logits``).
         labels: selects positions as in :func:`ga_loss` (with the shift); ``None`` counts every
             position of the logits (shift then does not apply).
         direction: ``"forward"`` (KL(P_theta || P_ref), the SOUL paper's) or ``"reverse"``.
-        ignore_index: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        shift: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        num_items_in_batch: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        backend: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        validate: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        inplace_backward: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
-        vocab_group: as :func:`ga_loss` (``ref_logits`` sharded like ``logits``).
+        ignore_index: {ignore_index}
+        shift: {shift}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per token).
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-token values.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> kl_divergence(logits, logits, labels)  # a distribution against itself
+        tensor(0.)
     """
     if labels is None:
         _checks.check_choice(backend, ops.BACKENDS, "backend")

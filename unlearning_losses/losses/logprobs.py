@@ -53,11 +53,11 @@ def token_logprobs(
         TypeError, ValueError: bad dtypes, shapes, devices, options or label values.
 
     Example:
-        >>> import torch
-        >>> logits = torch.randn(2, 5, 11)
-        >>> labels = torch.randint(0, 11, (2, 5))
-        >>> token_logprobs(logits, labels).shape
-        torch.Size([2, 4])
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> token_logprobs(logits, labels)  # per shifted position, 0 where ignored
+        tensor([[-1.3863, -1.3863]])
     """
     tokens = _tokens.align(
         logits,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import ops
+from .._doc import shared_arguments
 from ..reductions import Reduction
 from .common import reduce_weighted_logprobs
 
 
+@shared_arguments
 def ga_loss(
     logits: Tensor,
     labels: Tensor,
@@ -32,30 +34,27 @@ def ga_loss(
     TOFU, MUSE and SOUL). Its gradient w.r.t. the logits is ``(onehot(y) - softmax(z)) / |M|``.
 
     Args:
-        logits: ``(B, T, V)`` or ``(N, V)``, any float dtype.
-        labels: ``(B, T)`` or ``(N,)`` integer, ``ignore_index`` at prompt and padding.
-        ignore_index: the label value of ignored positions.
-        shift: Hugging Face causal-LM shift for 3-D input (``logits[:, t]`` scores ``labels[:, t+1]``).
-        reduction: ``"mean"`` over valid tokens, ``"sum"``, or ``"none"`` (per token, 0 at ignored).
-        num_items_in_batch: divide the sum by this instead of the local count (gradient
-            accumulation, data parallel; as Hugging Face Trainer passes it). ``"mean"`` only.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        validate: check the label range on CUDA too (a host sync).
-        inplace_backward: write the gradient into the logits' buffer (see :func:`token_logprobs`
-            for the hazard).
-        vocab_group: a ``torch.distributed`` process group over which the vocabulary is sharded
-            (tensor parallel): ``logits`` hold this rank's ``V / world`` columns, ``labels``
-            index the whole vocabulary, and every rank gets the same loss.
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-token values for ``"none"``.
         No valid token gives 0.
 
     Example:
-        >>> import torch
-        >>> logits = torch.randn(2, 6, 13, requires_grad=True)
-        >>> labels = torch.randint(0, 13, (2, 6)); labels[:, :2] = -100
-        >>> ga_loss(logits, labels).backward()
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> ga_loss(logits, labels), math.log(1 / 4)
+        (tensor(-1.3863), -1.3862943611198906)
     """
     return reduce_weighted_logprobs(
         logits,
@@ -71,6 +70,7 @@ def ga_loss(
     )
 
 
+@shared_arguments
 def nll_loss(
     logits: Tensor,
     labels: Tensor,
@@ -91,7 +91,30 @@ def nll_loss(
     $$
 
     Equals ``model(..., labels=labels).loss`` of a Hugging Face causal LM, computed in float32
-    without a float32 copy of the logits. Arguments as :func:`ga_loss`, of which it is the negative.
+    without a float32 copy of the logits; the negative of :func:`ga_loss`.
+
+    Args:
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or per-token values for ``"none"``.
+        No valid token gives 0.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> nll_loss(logits, labels), math.log(4)
+        (tensor(1.3863), 1.3862943611198906)
     """
     return -reduce_weighted_logprobs(
         logits,
@@ -107,6 +130,7 @@ def nll_loss(
     )
 
 
+@shared_arguments
 def idk_loss(
     idk_logits: Tensor,
     idk_labels: Tensor,
@@ -129,7 +153,22 @@ def idk_loss(
     The forget questions are paired with a refusal such as "I don't know." and the model is
     fine-tuned on those answers (Maini et al., 2024, "TOFU", the IDK baseline). ``idk_logits`` are
     the model's logits on the question followed by the refusal; ``idk_labels`` mask the question
-    with ``ignore_index``. Arguments as :func:`ga_loss`; the value is :func:`nll_loss` of that batch.
+    with ``ignore_index``; the value is :func:`nll_loss` of that batch.
+
+    Args:
+        idk_logits: the model's logits on question + refusal, as ``logits`` of :func:`nll_loss`.
+        idk_labels: their labels, the question masked with ``ignore_index``.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
+
+    Returns:
+        As :func:`nll_loss`.
     """
     return nll_loss(
         idk_logits,

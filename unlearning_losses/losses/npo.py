@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import (
     REDUCTIONS,
     Reduction,
@@ -24,6 +25,7 @@ Granularity = Literal["sequence", "sequence_mean", "token", "batch"]
 GRANULARITIES: tuple[str, ...] = ("sequence", "sequence_mean", "token", "batch")
 
 
+@shared_arguments
 def npo_loss(
     logits: Tensor,
     labels: Tensor,
@@ -73,12 +75,12 @@ def npo_loss(
         ref_logits: or the reference model's logits, shaped like ``logits``. Give exactly one.
         beta: inverse temperature, > 0.
         granularity: ``"sequence"``, ``"sequence_mean"``, ``"token"`` or ``"batch"``.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        inplace_backward: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
         sequence_group: a ``torch.distributed`` process group over which every sequence's
             positions are split (context parallel): each sequence's sums and counts are reduced
             over it before the nonlinearity, and every rank gets the whole batch's loss. Labels
@@ -93,6 +95,14 @@ def npo_loss(
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-sequence / per-token values.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> # the model equals its reference: the log-ratio is 0, the loss 2 log(2) / beta
+        >>> npo_loss(logits, labels, ref_logits=logits, beta=0.1), 2 / 0.1 * math.log(2)
+        (tensor(13.8629), 13.862943611198906)
     """
     tokens = _tokens.align(
         logits,

@@ -6,10 +6,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import REDUCTIONS, Reduction, sequence_reduce, sequence_sums
 from ..sharding import LOCAL, Sharding
 
 
+@shared_arguments
 def simnpo_loss(
     logits: Tensor,
     labels: Tensor,
@@ -39,14 +41,14 @@ def simnpo_loss(
     $2\sigma(-\beta(\bar L_i - \delta))$, which fades once a sequence is forgotten.
 
     Args:
-        logits: as :func:`ga_loss`.
-        labels: as :func:`ga_loss`.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        inplace_backward: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
         sequence_group: the context-parallel group over which every sequence's positions are
             split, as :func:`npo_loss` (labels already shifted, ``shift=False``).
         beta: inverse temperature, > 0 (default 4.5, the paper's TOFU setting).

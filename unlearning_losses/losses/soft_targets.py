@@ -14,6 +14,7 @@ import math
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 
 
@@ -62,6 +63,7 @@ def _soft_target_mean(
     )
 
 
+@shared_arguments
 def undial_loss(
     logits: Tensor,
     ref_logits: Tensor,
@@ -94,12 +96,12 @@ def undial_loss(
         labels: ``(B, T)`` or ``(N,)``, ``ignore_index`` at prompt and padding.
         beta: how far the label's logit is lowered, >= 0 (default 10.0, open-unlearning's
             config; 0 is plain distillation to the reference).
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        reduction: as :func:`ga_loss`.
-        num_items_in_batch: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return _soft_target_mean(
@@ -116,6 +118,7 @@ def undial_loss(
     )
 
 
+@shared_arguments
 def ceu_loss(
     logits: Tensor,
     labels: Tensor,
@@ -144,13 +147,13 @@ def ceu_loss(
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
-        ignore_index: as :func:`ga_loss`.
-        labels: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        reduction: as :func:`ga_loss`.
-        num_items_in_batch: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
+        ignore_index: {ignore_index}
+        labels: {labels}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
     """
     return _soft_target_mean(
         logits,

@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tokens, ops
+from .._doc import shared_arguments
 from ..reductions import Reduction
 from .common import reduce_weighted_logprobs, reference_logprobs, weights_from_logprobs
 
 
+@shared_arguments
 def wga_loss(
     logits: Tensor,
     labels: Tensor,
@@ -44,16 +46,16 @@ def wga_loss(
 
     Args:
         beta: the weight's exponent, >= 0 (default 1.0, open-unlearning's).
-        logits: as :func:`ga_loss`.
-        labels: as :func:`ga_loss`.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        reduction: as :func:`ga_loss`.
-        num_items_in_batch: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        inplace_backward: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return reduce_weighted_logprobs(
@@ -71,6 +73,7 @@ def wga_loss(
     )
 
 
+@shared_arguments
 def satimp_loss(
     logits: Tensor,
     labels: Tensor,
@@ -99,16 +102,16 @@ def satimp_loss(
     Args:
         beta1: exponent of $p_t$, >= 0 (default 5.0, open-unlearning's).
         beta2: exponent of $1 - p_t$, >= 0 (default 1.0).
-        logits: as :func:`ga_loss`.
-        labels: as :func:`ga_loss`.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        reduction: as :func:`ga_loss`.
-        num_items_in_batch: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        inplace_backward: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
     """
     beta1 = _checks.check_finite_number(beta1, "beta1", nonnegative=True)
     beta2 = _checks.check_finite_number(beta2, "beta2", nonnegative=True)
@@ -131,6 +134,7 @@ def satimp_loss(
     )
 
 
+@shared_arguments
 def tnpo_loss(
     logits: Tensor,
     labels: Tensor,
@@ -164,16 +168,16 @@ def tnpo_loss(
         ref_logprobs: the reference, exactly one, as in :func:`npo_loss`.
         ref_logits: the reference, exactly one, as in :func:`npo_loss`.
         beta: inverse temperature, > 0 (default 0.1, as :func:`npo_loss`).
-        logits: as :func:`ga_loss`.
-        labels: as :func:`ga_loss`.
-        ignore_index: as :func:`ga_loss`.
-        shift: as :func:`ga_loss`.
-        reduction: as :func:`ga_loss`.
-        num_items_in_batch: as :func:`ga_loss`.
-        backend: as :func:`ga_loss`.
-        validate: as :func:`ga_loss`.
-        inplace_backward: as :func:`ga_loss`.
-        vocab_group: as :func:`ga_loss`.
+        logits: {logits}
+        labels: {labels}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
 
