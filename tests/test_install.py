@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import re
 import shutil
 import subprocess
@@ -84,3 +85,16 @@ def test_the_api_page_documents_every_public_name():
     page = (ROOT / "docs" / "api.md").read_text()
     documented = set(re.findall(r"^        - (\w+)$", page, re.MULTILINE))
     assert set(unlearning_losses.__all__) <= documented
+
+
+@pytest.mark.parametrize("name", sorted(unlearning_losses.__all__))
+def test_every_public_name_documents_each_argument_and_shows_an_example(name):
+    """``help()`` shows every argument's meaning (shared descriptions filled in) and an example
+    with its output (run as a doctest by the test command)."""
+    obj = getattr(unlearning_losses, name)
+    doc = obj.__doc__ or ""
+    assert doc.count("Example:") == 1
+    assert not re.search(r"^ +(\w+): \{\1\}$", doc, re.MULTILINE), "an unfilled shared argument"
+    fields = obj._fields if isinstance(obj, type) else inspect.signature(obj).parameters
+    for argument in fields:
+        assert re.search(rf"^ +\**{argument}:", doc, re.MULTILINE), f"{name}: {argument}"

@@ -29,6 +29,10 @@ ARGUMENTS = {
     "vocab_group": "a ``torch.distributed`` process group over which the vocabulary is sharded "
     "(tensor parallel): ``logits`` hold this rank's ``V / world`` columns, ``labels`` index the "
     "whole vocabulary, and every rank gets the same loss.",
+    "hidden": "``(B, T, H)`` or ``(N, H)``, the last hidden states.",
+    "weight": "the output head ``(V, H)``, same dtype and device.",
+    "bias": "optional ``(V,)``.",
+    "chunk_rows": "rows per chunk (default: as many as 128 MiB of float32 logits hold).",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent> +)(?P<name>\w+): \{(?P=name)\}$", re.MULTILINE)

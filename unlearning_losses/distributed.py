@@ -20,12 +20,21 @@ from .sharding import check_group
 
 
 class GlobalCounts(NamedTuple):
-    """Counts over every rank of the group, as 0-d int64 tensors on the labels' device."""
+    """Counts over every rank of the group, as 0-d int64 tensors on the labels' device.
+
+    Attributes:
+        tokens: valid (non-ignored) label positions: pass as ``num_items_in_batch``.
+        sequences: sequences with at least one valid position: pass as ``num_sequences``.
+
+    Example:
+        >>> import torch
+        >>> labels = torch.tensor([[-100, 5, 6], [-100, -100, -100]])
+        >>> global_counts(labels)  # one process: the local counts (shifted labels 5 and 6)
+        GlobalCounts(tokens=tensor(2), sequences=tensor(1))
+    """
 
     tokens: Tensor
-    """Valid (non-ignored) label positions: pass as ``num_items_in_batch``."""
     sequences: Tensor
-    """Sequences with at least one valid position: pass as ``num_sequences``."""
 
 
 def global_counts(

@@ -39,6 +39,12 @@ def task_vector(base: StateDict | nn.Module, finetuned: StateDict | nn.Module) -
     Raises:
         ValueError: keys, shapes or integer tensors differ, or the vector is all zero.
         TypeError: float dtypes differ.
+
+    Example:
+        >>> import torch
+        >>> base, tuned = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.5, 1.0])}
+        >>> task_vector(base, tuned)
+        {'w': tensor([ 0.5000, -1.0000])}
     """
     base, finetuned = _state(base, "base"), _state(finetuned, "finetuned")
     _check_compatible(base, finetuned, allow_dtype_mismatch=False)
@@ -60,6 +66,20 @@ def apply_task_vector(
     ``apply_task_vector(base, task_vector(base, finetuned), 1.0)`` gives back ``finetuned`` up to
     the float32 rounding of the vector. Tensors absent from ``vector`` must be integer or bool and
     are copied.
+
+    Args:
+        base: the base model or its state dict.
+        vector: a task vector, as :func:`task_vector` returns it.
+        scale: its multiplier: -1 to forget what the fine-tuning taught (negation), 1 to add it.
+
+    Returns:
+        A new state dict in the base's dtypes.
+
+    Example:
+        >>> import torch
+        >>> base, vector = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([0.5, -1.0])}
+        >>> apply_task_vector(base, vector, scale=-1.0)  # forgetting: subtract the vector
+        {'w': tensor([0.5000, 3.0000])}
     """
     base = _state(base, "base")
     scale = _checks.check_finite_number(scale, "scale")

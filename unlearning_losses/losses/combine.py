@@ -34,6 +34,11 @@ def combine_with_retain(
 
     Returns:
         ``forget_weight * forget_loss + retain_weight * retain_loss``.
+
+    Example:
+        >>> import torch
+        >>> combine_with_retain(torch.tensor(-2.0), torch.tensor(1.5), retain_weight=2.0)
+        tensor(1.)
     """
     forget_loss = _checks.check_tensor(forget_loss, "forget_loss")
     retain_loss = _checks.check_tensor(retain_loss, "retain_loss")

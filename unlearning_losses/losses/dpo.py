@@ -94,6 +94,15 @@ def dpo_loss(
         vocab_group: {vocab_group}
         sequence_group: the context-parallel group, as :func:`npo_loss` (labels already
             shifted, ``shift=False``).
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> # model = reference on both answers: both log-ratios 0, the loss -log sigmoid(0)
+        >>> dpo_loss(logits, labels, logits, labels, ref_chosen_logits=logits,
+        ...          ref_rejected_logits=logits), math.log(2)
+        (tensor(0.6931), 0.6931471805599453)
     """
     args = (ignore_index, shift, backend, validate, vocab_group, sequence_group)
     chosen = _side(chosen_logits, chosen_labels, "chosen", *args)

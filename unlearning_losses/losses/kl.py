@@ -102,6 +102,7 @@ def kl_divergence(
     )
 
 
+@shared_arguments
 def kl_loss(
     logits: Tensor,
     ref_logits: Tensor,
@@ -124,7 +125,33 @@ def kl_loss(
     $$
 
     Minimizing it drives the model's predictions on the forget set away from the reference
-    (the KL baseline of the SOUL paper, forward direction). Arguments as :func:`kl_divergence`.
+    (the KL baseline of the SOUL paper, forward direction).
+
+    Args:
+        logits: {logits}
+        ref_logits: the frozen reference, same shape, dtype and device.
+        labels: selects positions as in :func:`kl_divergence`; ``None`` counts every position.
+        direction: ``"forward"`` (KL(P_theta || P_ref)) or ``"reverse"``.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        backend: {backend}
+        validate: {validate}
+        inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
+
+    Returns:
+        Minus :func:`kl_divergence` of the same arguments.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> ref_logits = torch.tensor([math.log(2), 0.0, 0.0, 0.0]).expand(1, 3, 4)  # q = 2/5, 1/5, ...
+        >>> kl = sum(0.25 * math.log(0.25 / q) for q in (0.4, 0.2, 0.2, 0.2))  # KL(P || Q) per token
+        >>> kl_loss(logits, ref_logits, labels), -kl  # ascent on the KL: its negative
+        (tensor(-0.0499), -0.04985675617422343)
     """
     return -kl_divergence(
         logits,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tokens, sharding
+from .._doc import shared_arguments
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
@@ -77,6 +78,7 @@ def _scalar_scale(tokens, reduction: str, num_items) -> Tensor:
     return 1.0 / count.clamp(min=1).to(torch.float64)
 
 
+@shared_arguments
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -91,18 +93,25 @@ def linear_token_logprobs(
     r""":func:`~unlearning_losses.token_logprobs` of ``hidden @ weight.T + bias``, chunk by chunk.
 
     Args:
-        hidden: ``(B, T, H)`` or ``(N, H)``, the last hidden states.
-        weight: the output head ``(V, H)``, same dtype and device.
-        labels: ``(B, T)`` or ``(N,)`` integer, ``ignore_index`` at prompt and padding.
-        bias: optional ``(V,)``.
-        chunk_rows: rows per chunk (default: as many as 128 MiB of float32 logits hold).
-        ignore_index: as :func:`~unlearning_losses.token_logprobs`.
-        shift: as :func:`~unlearning_losses.token_logprobs`.
-        validate: as :func:`~unlearning_losses.token_logprobs`.
+        hidden: {hidden}
+        weight: {weight}
+        labels: {labels}
+        bias: {bias}
+        chunk_rows: {chunk_rows}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        validate: {validate}
 
     Returns:
         float32 per-token log-probs, differentiable in ``hidden``, ``weight`` and ``bias`` (weight
         and bias gradients accumulated in float32; a head with ``requires_grad=False`` is skipped).
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> linear_token_logprobs(hidden, head, labels)
+        tensor([[-1.3863, -1.3863]])
     """
     tokens, weight, bias = _align(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
@@ -110,6 +119,7 @@ def linear_token_logprobs(
     return tokens.unflatten(_logprobs(tokens, weight, bias, chunk_rows))
 
 
+@shared_arguments
 def linear_ga_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -123,8 +133,32 @@ def linear_ga_loss(
     chunk_rows: int | None = None,
     validate: bool = False,
 ) -> Tensor:
-    """:func:`~unlearning_losses.ga_loss` of ``hidden @ weight.T + bias`` (arguments as
-    :func:`linear_token_logprobs` and ``ga_loss``)."""
+    """:func:`~unlearning_losses.ga_loss` of ``hidden @ weight.T + bias``, the logits never
+    materialised; the gradient is formed in the forward pass.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        labels: {labels}
+        bias: {bias}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        chunk_rows: {chunk_rows}
+        validate: {validate}
+
+    Returns:
+        A float32 scalar (float64 for a float64 head), or per-token values for ``"none"``;
+        differentiable in ``hidden``, ``weight`` and ``bias``.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> linear_ga_loss(hidden, head, labels), math.log(1 / 4)
+        (tensor(-1.3863), -1.3862943611198906)
+    """
     tokens, weight, bias = _align(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
     )
@@ -148,6 +182,7 @@ def linear_ga_loss(
     return tokens.sharding.sum_over_tokens(total)
 
 
+@shared_arguments
 def linear_nll_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -161,8 +196,32 @@ def linear_nll_loss(
     chunk_rows: int | None = None,
     validate: bool = False,
 ) -> Tensor:
-    """:func:`~unlearning_losses.nll_loss` of ``hidden @ weight.T + bias``: the negative of
-    :func:`linear_ga_loss`."""
+    """:func:`~unlearning_losses.nll_loss` of ``hidden @ weight.T + bias``, the negative of
+    :func:`linear_ga_loss`.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        labels: {labels}
+        bias: {bias}
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        chunk_rows: {chunk_rows}
+        validate: {validate}
+
+    Returns:
+        A float32 scalar (float64 for a float64 head), or per-token values for ``"none"``;
+        differentiable in ``hidden``, ``weight`` and ``bias``.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> linear_nll_loss(hidden, head, labels), math.log(4)
+        (tensor(1.3863), 1.3862943611198906)
+    """
     return -linear_ga_loss(
         hidden,
         weight,
@@ -177,6 +236,7 @@ def linear_nll_loss(
     )
 
 
+@shared_arguments
 def linear_npo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -204,6 +264,38 @@ def linear_npo_loss(
     frozen shared head) and ``ref_bias``; give exactly one of ``ref_logprobs`` / ``ref_hidden``.
     The per-token log-probs are gathered first; autograd then hands each token its closed-form NPO
     coefficient, and the backward forms the gradient chunk by chunk.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        labels: {labels}
+        bias: {bias}
+        ref_logprobs: the reference's per-token log-probs (one of the two references).
+        ref_hidden: the reference model's hidden states, shaped like ``hidden`` (the other).
+        ref_weight: the reference's head (default: ``weight``).
+        ref_bias: the reference's optional bias.
+        beta: inverse temperature, > 0.
+        granularity: where the log-ratio is taken, as in :func:`~unlearning_losses.npo_loss`.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as in :func:`~unlearning_losses.npo_loss`.
+        num_items_in_batch: the global count of valid tokens, for ``"token"`` granularity.
+        num_sequences: the global count of sequences with a valid token, for the sequence
+            granularities.
+        chunk_rows: {chunk_rows}
+        validate: {validate}
+
+    Returns:
+        As :func:`~unlearning_losses.npo_loss`; differentiable in ``hidden``, ``weight`` and
+        ``bias``.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> reference = torch.full((1, 2), math.log(1 / 4))  # cached: the model equals its reference
+        >>> linear_npo_loss(hidden, head, labels, ref_logprobs=reference), 2 / 0.1 * math.log(2)
+        (tensor(13.8629), 13.862943611198906)
     """
     tokens, weight, bias = _align(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
@@ -235,6 +327,7 @@ def linear_npo_loss(
     return tokens.unflatten(result) if granularity == "token" else tokens.per_sequence(result)
 
 
+@shared_arguments
 def linear_simnpo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -250,7 +343,34 @@ def linear_simnpo_loss(
     chunk_rows: int | None = None,
     validate: bool = False,
 ) -> Tensor:
-    """:func:`~unlearning_losses.simnpo_loss` of ``hidden @ weight.T + bias``."""
+    """:func:`~unlearning_losses.simnpo_loss` of ``hidden @ weight.T + bias``.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        labels: {labels}
+        bias: {bias}
+        beta: inverse temperature, > 0.
+        delta: the margin subtracted from each sequence's mean NLL.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: ``"mean"`` over sequences with a valid token, ``"sum"``, or ``"none"``.
+        num_sequences: the global count of sequences with a valid token (data parallel).
+        chunk_rows: {chunk_rows}
+        validate: {validate}
+
+    Returns:
+        As :func:`~unlearning_losses.simnpo_loss`; differentiable in ``hidden``, ``weight`` and
+        ``bias``.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> expected = -2 / 4.5 * math.log(1 / (1 + math.exp(-4.5 * math.log(4))))
+        >>> linear_simnpo_loss(hidden, head, labels), expected
+        (tensor(0.0009), 0.0008672089472274687)
+    """
     tokens, weight, bias = _align(
         hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
     )
@@ -264,6 +384,7 @@ def linear_simnpo_loss(
     )
 
 
+@shared_arguments
 def linear_kl_divergence(
     hidden: Tensor,
     weight: Tensor,
@@ -282,8 +403,36 @@ def linear_kl_divergence(
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.kl_divergence` between the heads' distributions on ``hidden``
-    and ``ref_hidden`` (``ref_weight`` defaults to ``weight``). Only the model side is
-    differentiated."""
+    and ``ref_hidden``. Only the model side is differentiated.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        ref_hidden: the reference model's hidden states, shaped like ``hidden``.
+        ref_weight: the reference's head (default: ``weight``).
+        labels: selects positions as in :func:`~unlearning_losses.ga_loss` (with the shift);
+            ``None`` counts every position.
+        bias: {bias}
+        ref_bias: the reference's optional bias.
+        direction: ``"forward"`` (KL(P_theta || P_ref)) or ``"reverse"``.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        chunk_rows: {chunk_rows}
+        validate: {validate}
+
+    Returns:
+        A float32 scalar (float64 for a float64 head), or per-token values for ``"none"``.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> # against itself; direction="forward" is KL(P || P_ref)
+        >>> linear_kl_divergence(hidden, head, hidden, labels=labels)
+        tensor(0.)
+    """
     if labels is None:
         hidden = _checks.check_hidden(hidden, "hidden")
         weight, bias = _head(weight, bias, hidden)
@@ -330,6 +479,7 @@ def linear_kl_divergence(
     return tokens.sharding.sum_over_tokens(total)
 
 
+@shared_arguments
 def linear_kl_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -338,7 +488,26 @@ def linear_kl_loss(
     labels: Tensor | None = None,
     **options,
 ) -> Tensor:
-    """The KL forget term: the negative of :func:`linear_kl_divergence` (same arguments)."""
+    """The KL forget term: the negative of :func:`linear_kl_divergence`.
+
+    Args:
+        hidden: {hidden}
+        weight: {weight}
+        ref_hidden: the reference model's hidden states, shaped like ``hidden``.
+        ref_weight: the reference's head (default: ``weight``).
+        labels: selects positions, as in :func:`linear_kl_divergence`.
+        **options: the keyword arguments of :func:`linear_kl_divergence`.
+
+    Returns:
+        Minus :func:`linear_kl_divergence`.
+
+    Example:
+        >>> import math, torch
+        >>> hidden, head = torch.randn(1, 3, 2), torch.zeros(4, 2)  # logits 0: every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> linear_kl_loss(hidden, head, hidden, labels=labels)  # minus the KL, here of P to itself
+        tensor(-0.)
+    """
     return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
 
 

@@ -169,6 +169,13 @@ def idk_loss(
 
     Returns:
         As :func:`nll_loss`.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> idk_loss(logits, labels), math.log(4)  # the refusal's NLL
+        (tensor(1.3863), 1.3862943611198906)
     """
     return nll_loss(
         idk_logits,

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._doc import shared_arguments
 from ..ops.chunked import accumulation_dtype
 from ..reductions import sequence_sums, token_reduce
 
@@ -24,6 +25,22 @@ def rmu_control_vector(
     every step. ``steering_coeff`` $c$ is 6.5 in the WMDP paper's Zephyr-7B run;
     open-unlearning's config uses 300 for its models: it must be large relative to the layer's
     activation norms.
+
+    Args:
+        hidden_size: the layer's width ``H``.
+        steering_coeff: the vector's norm $c$.
+        generator: the random generator to draw from (seed it to reproduce the vector).
+        device: where to create it.
+        dtype: its dtype.
+
+    Returns:
+        A ``(H,)`` tensor ``c u`` with ``u`` uniform in ``[0, 1)`` per coordinate, normalized.
+
+    Example:
+        >>> import torch
+        >>> vector = rmu_control_vector(16, steering_coeff=6.5, generator=torch.Generator().manual_seed(0))
+        >>> vector.shape, round(vector.norm().item(), 4)
+        (torch.Size([16]), 6.5)
     """
     hidden_size = _checks.check_int(hidden_size, "hidden_size")
     if hidden_size < 1:
@@ -106,6 +123,7 @@ def activation_distance(
     return (sums / counts.clamp(min=1)).mean()
 
 
+@shared_arguments
 def rmu_loss(
     forget_hidden: Tensor,
     retain_hidden: Tensor,
@@ -146,6 +164,7 @@ def rmu_loss(
         retain_labels: ``(B, T)`` or ``(N,)``; positions equal to ``ignore_index`` do not count. No
             shift: activation *t* belongs to token *t*. ``None`` counts every position.
         alpha: weight of the retain term, finite.
+        ignore_index: {ignore_index}
         num_forget_items: global counts of valid positions (data parallel), as
             ``num_items_in_batch`` elsewhere.
         num_retain_items: global counts of valid positions (data parallel), as
@@ -153,6 +172,13 @@ def rmu_loss(
 
     Returns:
         A float32 scalar (float64 for float64 activations); an empty side contributes 0.
+
+    Example:
+        >>> import torch
+        >>> forget, retain = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
+        >>> control = torch.tensor([3.0, 4.0])  # forget: mean over H of (0 - c)^2 = (9 + 16) / 2
+        >>> rmu_loss(forget, retain, retain, control)  # the retain side matches its reference
+        tensor(12.5000)
     """
     forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
         checked_rmu_inputs(

@@ -60,6 +60,14 @@ def simnpo_loss(
 
     Returns:
         A float32 scalar (float64 for float64 logits), or per-sequence values.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> expected = -2 / 4.5 * math.log(1 / (1 + math.exp(-4.5 * math.log(4))))
+        >>> simnpo_loss(logits, labels, beta=4.5), expected  # mean NLL log 4, delta 0
+        (tensor(0.0009), 0.0008672089472274687)
     """
     tokens = _tokens.align(
         logits,

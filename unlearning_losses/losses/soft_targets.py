@@ -102,6 +102,14 @@ def undial_loss(
         num_items_in_batch: {num_items_in_batch}
         backend: {backend}
         validate: {validate}
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> # the cross-entropy to any target from a uniform model is log V
+        >>> undial_loss(logits, logits, labels), math.log(4)
+        (tensor(1.3863), 1.3862943611198906)
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return _soft_target_mean(
@@ -154,6 +162,13 @@ def ceu_loss(
         num_items_in_batch: {num_items_in_batch}
         backend: {backend}
         validate: {validate}
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> ceu_loss(logits, labels), math.log(4)  # a uniform model: log V for any target
+        (tensor(1.3863), 1.3862943611198906)
     """
     return _soft_target_mean(
         logits,

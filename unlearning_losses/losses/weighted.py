@@ -56,6 +56,13 @@ def wga_loss(
         validate: {validate}
         inplace_backward: {inplace_backward}
         vocab_group: {vocab_group}
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> wga_loss(logits, labels, beta=1.0), 0.25 * math.log(0.25)  # sg[p^beta] log p
+        (tensor(-0.3466), -0.34657359027997264)
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     return reduce_weighted_logprobs(
@@ -112,6 +119,13 @@ def satimp_loss(
         validate: {validate}
         inplace_backward: {inplace_backward}
         vocab_group: {vocab_group}
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> satimp_loss(logits, labels, beta1=1.0, beta2=1.0), 0.25 * 0.75 * math.log(0.25)
+        (tensor(-0.2599), -0.25993019270997947)
     """
     beta1 = _checks.check_finite_number(beta1, "beta1", nonnegative=True)
     beta2 = _checks.check_finite_number(beta2, "beta2", nonnegative=True)
@@ -178,6 +192,14 @@ def tnpo_loss(
         validate: {validate}
         inplace_backward: {inplace_backward}
         vocab_group: {vocab_group}
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.zeros(1, 3, 4)  # every token 1/4
+        >>> labels = torch.tensor([[-100, 1, 2]])  # two scored tokens after the shift
+        >>> # at the reference every weight is 2 sigmoid(0) = 1: the log-likelihood itself
+        >>> tnpo_loss(logits, labels, ref_logits=logits), math.log(1 / 4)
+        (tensor(-1.3863), -1.3862943611198906)
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
 
