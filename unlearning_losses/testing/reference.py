@@ -256,3 +256,16 @@ def negate_task_vector(
         else t.clone()
         for name, t in base.items()
     }
+
+
+def logit_margin_loss(logits: Tensor, labels: Tensor, *, shift: bool = True) -> Tensor:
+    """Mean over valid tokens of ``(max_v z - mean_v z)^2``, one row at a time."""
+    x, _, valid, _ = align(logits, labels, shift)
+    margins = [
+        (row.double().max() - row.double().sum() / row.numel()) ** 2
+        for row, keep in zip(x, valid, strict=True)
+        if keep
+    ]
+    if not margins:
+        return x.double().sum() * 0.0
+    return sum(margins) / len(margins)
