@@ -266,9 +266,15 @@ def pair_backward(
     scale = torch.where(valid, grad_out.to(acc), 0.0)
     safe_targets = torch.where(valid, targets, 0)
     for b, t in row_chunks(groups, logits.shape[-1]):
-        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
         logq = reference_log_probs(ref_logits[b, t], safe_targets[b, t], mode, param, acc)
-        weights, scores = pair_scores(logp, logq, mode, param)
-        inner = pair_gradient(logp, weights, scores, out[b, t], mode)
-        # An ignored row may have no finite value at all (CE-U, one finite logit): NaN * 0 is NaN.
-        grad[b, t] = inner.mul_(scale[b, t, None]).masked_fill_(~valid[b, t, None], 0.0)
+        if mode in MODEL_WEIGHTED:
+            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
+            weights, scores = pair_scores(logp, logq, mode, param)
+            inner = pair_gradient(logp, weights, scores, out[b, t], mode)
+        else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
+            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
+            inner = logp.exp_().sub_(logq.exp_())
+        if mode == "soft_target":
+            # An ignored row may have no finite target (CE-U, one finite logit): NaN * 0 is NaN.
+            inner.masked_fill_(~valid[b, t, None], 0.0)
+        torch.mul(inner, scale[b, t, None], out=grad[b, t])
