@@ -528,3 +528,13 @@ def test_open_unlearning_compat_equals_its_compute_loss(peers, method, retain_lo
         pytest.skip(f"{method} has no KL retain variant")
     cls, attributes, ours = _ou_cases(peers, retain_loss_type)[method]
     _run_case(peers, cls, attributes, ours, _ou_inputs(peers, method), dtype, TOLERANCE[dtype])
+
+
+def test_the_reference_reaches_the_far_tail(peers):
+    """The sharper reference head puts some probabilities below SOUL's 1e-12, where its epsilon
+    moves the value (the SOUL cases above run on these inputs)."""
+    _, reference = _models(torch.float64)
+    inputs = _soul_inputs(peers)
+    with torch.no_grad():
+        q = torch.softmax(_ref_logits(reference, inputs["forget"]), -1)
+    assert (q < 1e-12).any()
