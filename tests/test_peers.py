@@ -5,7 +5,7 @@ folder beside the repository (or ``$UNLEARNING_PEERS``), checked byte for byte a
 manifest, and never copied here; without it (a user's clone) the module is skipped. Each trainer
 runs on a tiny random ``LlamaForCausalLM`` in float64, with inputs from the trainers' own
 collators (right padding, a row with a long prompt, a row without a valid label), and a reference
-model whose head is several times sharper, so that some reference probabilities fall below 1e-12.
+model whose head is ten times sharper, so that some reference probabilities fall below 1e-12.
 Value and the gradient of every model parameter agree to 1e-12 relative; in float32 the value to
 1e-6 and the gradients to 3e-5.
 """
@@ -158,13 +158,13 @@ def _model(dtype: torch.dtype, seed: int, head_scale: float = 1.0) -> torch.nn.M
 
 
 def _models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The model and a reference: the same weights, perturbed in the layers, with a head 6 times
+    """The model and a reference: the same weights, perturbed in the layers, with a head 10 times
     sharper (some reference probabilities below 1e-12)."""
     model = _model(dtype, 0)
     reference = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        reference.lm_head.weight.mul_(6.0)
+        reference.lm_head.weight.mul_(10.0)
         for p in reference.model.layers.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
     for p in reference.parameters():
