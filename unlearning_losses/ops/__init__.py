@@ -1,7 +1,8 @@
 """The fused token reductions and the choice of backend.
 
-Two primitives carry every loss: the per-token log-probability of the label and the per-token KL
-between two next-token distributions. Both take the full logits ``(B, T, V)`` and read only the rows
+Two primitives carry every loss: the per-token log-probability of the label, and a per-token
+quantity of two next-token distributions (KL in either direction, the soft-target cross-entropy,
+SOUL's cross-entropy to the reference: ``custom_ops.two_distributions``). Both take the full logits ``(B, T, V)`` and read only the rows
 ``[:, :L]`` where ``L`` is the length of ``valid`` (``L = T - 1`` under the causal-LM shift), so a
 shifted view is never materialised. Backends: ``"torch"`` (chunked PyTorch, any device) and
 ``"triton"`` (fused kernels, CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks
