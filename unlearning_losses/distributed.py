@@ -60,9 +60,15 @@ def global_counts(
         group: the data-parallel process group.
 
     Example:
-        >>> counts = global_counts(labels)  # doctest: +SKIP
-        >>> loss = ga_loss(logits, labels, num_items_in_batch=counts.tokens)  # doctest: +SKIP
-        >>> loss = npo_loss(logits, labels, ref_logprobs=ref, num_sequences=counts.sequences)  # doctest: +SKIP
+        >>> import math, torch
+        >>> from unlearning_losses import ga_loss
+        >>> labels = torch.tensor([[-100, 5, 6], [-100, 7, -100]])
+        >>> counts = global_counts(labels)  # one process: the local counts, after the shift
+        >>> counts
+        GlobalCounts(tokens=tensor(3), sequences=tensor(2))
+        >>> logits = torch.zeros(2, 3, 8)  # every token 1/8
+        >>> ga_loss(logits, labels, num_items_in_batch=counts.tokens), math.log(1 / 8)
+        (tensor(-2.0794), -2.0794415416798357)
     """
     _checks.check_int(ignore_index, "ignore_index")
     check_group(group, "group")
