@@ -1,12 +1,14 @@
 """``unlearning-losses bench``: the losses' microbenchmarks, on the device you have.
 
 For each loss (GA, NPO, KL, SimNPO, UNDIAL from logits; GA, NPO, KL from hidden states) and each
-implementation that can run here (ours; eager PyTorch as research code writes it;
-``torch.compile`` of that; Liger-Kernel's and Cut Cross-Entropy's kernels and PyTorch's
-``linear_cross_entropy`` where available), it measures forward, backward and forward+backward
-(median after a warm-up; CUDA events on a GPU), the achieved GB/s of the logits' traffic and its
-fraction of the measured copy bandwidth, the peak memory beyond the inputs, and the error
-against the float64 evaluation of the same loss on a slice of the batch. It prints a markdown
+implementation that can run here (ours; ours with ``inplace_backward`` for GA, NPO and KL; eager
+PyTorch as research code writes it; ``torch.compile`` of that; Liger-Kernel's and Cut
+Cross-Entropy's kernels and PyTorch's ``linear_cross_entropy`` where available), it measures
+forward, backward and forward+backward (median after a warm-up; CUDA events on a GPU), the
+achieved GB/s of the logits' traffic and its fraction of the measured copy bandwidth, the peak
+memory beyond the inputs, and the error against the float64 evaluation of the same loss on a
+slice of the batch. The header also gives the time to write a new buffer against a used one:
+the page faults that a backward returning a fresh gradient pays on a CPU. It prints a markdown
 table; ``--out DIR`` also writes CSV, JSON and a PNG of time and memory against the vocabulary.
 """
 
@@ -27,7 +29,7 @@ import torch
 
 from .._progress import progress
 from . import report
-from .measure import Timer, copy_bandwidth, peak_extra_bytes
+from .measure import Timer, copy_bandwidth, first_write_ms, peak_extra_bytes
 from .providers import LINEAR_LOSSES, LOGIT_LOSSES, Batch, providers, traffic
 
 DEFAULT_LOSSES = ("ga", "npo", "kl", "simnpo", "linear_ga")
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     compiled = args.compile if args.compile is not None else device.type == "cuda"
     timer = Timer(device)
     bandwidth = copy_bandwidth(device, timer)
+    first_write = first_write_ms(device, timer)
     plan = [(loss, v, d) for loss in args.losses for v in vocabs for d in dtypes]
     found = {loss: providers(loss, device, compiled) for loss in args.losses}
     if args.implementations:
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 records.append({column: record[column] for column in report.COLUMNS})
                 bar.update()
-    header = _header(device, tokens, hidden, repeats, bandwidth)
+    header = _header(device, tokens, hidden, repeats, bandwidth, first_write)
     print(report.markdown(records, header))
     if args.out:
         for path in report.write(records, header, args.out):
@@ -203,11 +206,16 @@ def _bandwidth(loss: str, batch: Batch, ms: float, copy_gbps: float) -> dict:
     return {"gb_per_s": gbps, "copy_fraction": gbps / copy_gbps}
 
 
-def _header(device, tokens: int, hidden: int, repeats: int, bandwidth: float) -> str:
+def _header(
+    device, tokens: int, hidden: int, repeats: int, bandwidth: float, first_write: tuple
+) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    thp = ""
+    if os.environ.get("THP_MEM_ALLOC_ENABLE"):
+        thp = f" (THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']})"
     triton_version = "not installed"
     if importlib.util.find_spec("triton") is not None:
         import triton
@@ -216,8 +224,9 @@ def _header(device, tokens: int, hidden: int, repeats: int, bandwidth: float) ->
     return (
         f"{name}; torch {torch.__version__}, Triton {triton_version}, Python "
         f"{platform.python_version()}; {tokens} tokens in {SEQUENCES} sequences, H = {hidden}; "
-        f"median of {repeats}; copy bandwidth {bandwidth:.1f} GB/s; "
-        f"{datetime.date.today().isoformat()}"
+        f"median of {repeats}; copy bandwidth {bandwidth:.1f} GB/s; writing 256 MiB takes "
+        f"{first_write[0]:.0f} ms into a new buffer, {first_write[1]:.0f} ms into a used one"
+        f"{thp}; {datetime.date.today().isoformat()}"
     )
 
 

@@ -44,6 +44,18 @@ def copy_bandwidth(device: torch.device, timer: Timer, megabytes: int = 256) -> 
     return 2 * src.nbytes / ms / 1e6
 
 
+def first_write_ms(device: torch.device, timer: Timer, megabytes: int = 256) -> tuple[float, float]:
+    """Milliseconds to fill ``megabytes`` of freshly allocated memory, and of memory written
+    before (median of 5): on a CPU the difference is the page faults of a new buffer, which every
+    backward that returns a new gradient pays."""
+    numel = megabytes * 2**20 // 4
+    reused = torch.empty(numel, dtype=torch.float32, device=device)
+    fresh = timer.median(
+        lambda: torch.empty(numel, dtype=torch.float32, device=device).fill_(0.0), 5, warmup=1
+    )
+    return fresh, timer.median(lambda: reused.fill_(0.0), 5, warmup=1)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
     """Memory ``fn`` takes beyond what was allocated before it: the allocator's peak on CUDA,
     the resident-set peak on Linux (reset first through ``/proc/self/clear_refs``); NaN where

@@ -85,9 +85,23 @@ def zero_outside(grad: Tensor, groups: list[Group]) -> None:
         grad[b0:b1, stop:].zero_()
 
 
-def _chunk_workspace(out: Tensor, acc: torch.dtype) -> Tensor:
-    """Where a chunk is computed: ``out`` itself when it already has the accumulation dtype."""
-    return out if out.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
+class Scratch:
+    """One chunk-sized buffer that every chunk of a pass is computed in (reused, so no chunk
+    allocates: fresh multi-megabyte temporaries cost page faults on each call)."""
+
+    def __init__(self, like: Tensor, dtype: torch.dtype, budget: int | None = None):
+        rows = max(1, (budget or CHUNK_BYTES) // (4 * like.shape[-1]))
+        self.flat = torch.empty(rows * like.shape[-1], dtype=dtype, device=like.device)
+
+    def __call__(self, shape: torch.Size) -> Tensor:
+        """A contiguous view of the buffer with ``shape`` (at most one chunk)."""
+        return self.flat[: shape.numel()].view(shape)
+
+    def upcast(self, chunk: Tensor) -> Tensor:
+        """``chunk`` in the buffer's dtype: itself when it has it, else a copy in the buffer."""
+        if chunk.dtype == self.flat.dtype:
+            return chunk
+        return self(chunk.shape).copy_(chunk)
 
 
 def log_ratio(first: Tensor, second: Tensor) -> Tensor:
@@ -100,7 +114,7 @@ def log_ratio(first: Tensor, second: Tensor) -> Tensor:
     return first.clamp_min_(floor).sub_(second.clamp_min_(floor))
 
 
-def floored_logprob(logprob: Tensor, lse: Tensor) -> Tensor:
+def floored_logprob(logprob: Tensor, lse: Tensor | None = None) -> Tensor:
     """A label's log-probability (``label logit - log-sum-exp``) as the losses take it.
 
     Floored at the dtype's lowest finite value: finite logits that span more than the float32
@@ -108,27 +122,32 @@ def floored_logprob(logprob: Tensor, lse: Tensor) -> Tensor:
     finite value where the difference overflows, so weights and log-ratios downstream stay finite
     (``0 * -inf`` would be NaN). A row with a ``+inf`` logit is non-finite input and gives NaN, on
     every backend; NaN stays NaN. The gradient is unaffected (it is formed from the logits).
+    Without ``lse`` the caller's log-probability already carries that NaN (``log_softmax`` does).
     """
     floored = logprob.clamp_min(torch.finfo(logprob.dtype).min)
+    if lse is None:
+        return floored
     return torch.where(lse == float("inf"), float("nan"), floored)
 
 
 def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token log p(target) over rows ``[:, :L]`` and their log-sum-exp, both ``(B, L)``.
+    """Per-token log p(target) over rows ``[:, :L]``, ``(B, L)``, and zeros of that shape where
+    the Triton forward returns the log-sum-exp (this backward recomputes the softmax instead;
+    an empty placeholder trips Inductor's backward compilation).
 
-    Float32 (float64 for float64 logits); 0 where not valid.
+    Float32 (float64 for float64 logits); 0 where not valid. One fused ``log_softmax`` per chunk:
+    a single exponential per logit.
     """
     acc = accumulation_dtype(logits.dtype)
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
-    lse = torch.zeros_like(out)
     safe_targets = torch.where(valid, targets, 0)
+    scratch, upcast = Scratch(logits, acc), Scratch(logits, acc)
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
-        x = logits[b, t].to(acc)
-        chunk_lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(-1, safe_targets[b, t, None]).squeeze(-1)
-        lse[b, t] = chunk_lse
-        out[b, t] = torch.where(valid[b, t], floored_logprob(picked - chunk_lse, chunk_lse), 0.0)
-    return out, lse
+        chunk = upcast.upcast(logits[b, t])
+        logp = torch.log_softmax(chunk, -1, out=scratch(chunk.shape))
+        picked = logp.gather(-1, safe_targets[b, t, None]).squeeze(-1)
+        out[b, t] = torch.where(valid[b, t], floored_logprob(picked), 0.0)
+    return out, torch.zeros_like(out)
 
 
 def logprobs_backward(
@@ -140,15 +159,18 @@ def logprobs_backward(
     logprobs: Tensor,
     grad: Tensor,
 ) -> None:
-    """Write d(sum grad_out * log p) / d logits into ``grad`` (which may be ``logits`` itself)."""
+    """Write d(sum grad_out * log p) / d logits into ``grad`` (which may be ``logits`` itself).
+
+    ``lse`` is the forward's placeholder (unused here)."""
     acc = logprobs.dtype
     groups = row_groups(valid, logits.shape[-1])
     zero_outside(grad, groups)
     safe_targets = torch.where(valid, targets, 0)
     scale = torch.where(valid, grad_out.to(acc), 0.0)
+    scratch, upcast = Scratch(logits, acc), Scratch(logits, acc)
     for b, t in row_chunks(groups, logits.shape[-1]):
-        probs = _chunk_workspace(grad[b, t], acc)
-        torch.sub(logits[b, t].to(acc), lse[b, t, None], out=probs).exp_()
+        chunk = upcast.upcast(logits[b, t])
+        probs = torch.softmax(chunk, -1, out=scratch(chunk.shape))
         label_gradient_(
             probs, logprobs[b, t, None], safe_targets[b, t, None], scale[b, t, None], grad[b, t]
         )
@@ -185,19 +207,28 @@ MODEL_WEIGHTED = ("kl_forward", "reference_ce")
 
 
 def reference_log_probs(
-    ref_logits: Tensor, targets: Tensor, mode: str, param: float, acc: torch.dtype
+    ref_logits: Tensor,
+    targets: Tensor,
+    mode: str,
+    param: float,
+    acc: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """log Q of a chunk: the reference's log-softmax, for ``"soft_target"`` with each row's target
-    logit lowered by ``param`` first (``inf`` removes the target)."""
+    """log Q of a chunk (into ``out`` if given): the reference's log-softmax, for
+    ``"soft_target"`` with each row's target logit lowered by ``param`` first (``inf`` removes the
+    target)."""
     if mode != "soft_target":
-        return torch.log_softmax(ref_logits, -1, dtype=acc)
+        return torch.log_softmax(ref_logits, -1, dtype=acc, out=out)
     ref = ref_logits.to(acc, copy=True)
     lowered = ref.gather(-1, targets[..., None]) - param
-    return torch.log_softmax(ref.scatter_(-1, targets[..., None], lowered), -1)
+    return torch.log_softmax(ref.scatter_(-1, targets[..., None], lowered), -1, out=out)
 
 
-def pair_scores(logp: Tensor, logq: Tensor, mode: str, param: float) -> tuple[Tensor, Tensor]:
-    """The weights and scores whose row sums are the per-token value; overwrites both inputs.
+def pair_scores(
+    logp: Tensor, logq: Tensor, mode: str, param: float, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The weights and scores whose row sums are the per-token value; overwrites both inputs and
+    writes the weights into ``out`` if given.
 
     ``"kl_forward"``: p and log p - log q (KL(P || Q)); ``"kl_reverse"``: q and log q - log p;
     ``"soft_target"``: q and -log p (the cross-entropy from Q to P); ``"reference_ce"``: p and
@@ -205,12 +236,12 @@ def pair_scores(logp: Tensor, logq: Tensor, mode: str, param: float) -> tuple[Te
     weight times a ``-inf`` log-probability gives 0, not NaN (``log_ratio`` floors); NaN stays NaN.
     """
     if mode == "kl_forward":
-        return logp.exp(), log_ratio(logp, logq)
+        return torch.exp(logp, out=out), log_ratio(logp, logq)
     if mode == "kl_reverse":
-        return logq.exp(), log_ratio(logq, logp)
+        return torch.exp(logq, out=out), log_ratio(logq, logp)
     if mode == "soft_target":
-        return logq.exp(), logp.clamp_min_(torch.finfo(logp.dtype).min).neg_()
-    return logp.exp(), logq.exp_().add_(param).log_().neg_()
+        return torch.exp(logq, out=out), logp.clamp_min_(torch.finfo(logp.dtype).min).neg_()
+    return torch.exp(logp, out=out), logq.exp_().add_(param).log_().neg_()
 
 
 def pair_value(weights: Tensor, scores: Tensor) -> Tensor:
@@ -232,6 +263,46 @@ def pair_gradient(
     return logp.exp_().sub_(weights)  # log p was floored in place: exp(lowest) = 0
 
 
+class PairWorkspace:
+    """The reused chunk buffers of a pass over two distributions: an upcast copy, log P, log Q
+    and the weights."""
+
+    def __init__(self, logits: Tensor, acc: torch.dtype):
+        self.upcast, self.logp, self.logq, self.weights = (Scratch(logits, acc) for _ in range(4))
+
+    def log_probs(
+        self, logits: Tensor, ref_logits: Tensor, targets: Tensor, mode: str, param: float
+    ) -> tuple[Tensor, Tensor]:
+        """log P and log Q (see ``reference_log_probs``) of one chunk, in the buffers."""
+        dtype = self.logp.flat.dtype
+        logp = torch.log_softmax(self.upcast.upcast(logits), -1, out=self.logp(logits.shape))
+        logq = reference_log_probs(
+            self.upcast.upcast(ref_logits), targets, mode, param, dtype, self.logq(logits.shape)
+        )
+        return logp, logq
+
+    def model_kl_gradient(self, logits: Tensor, ref_logits: Tensor) -> Tensor:
+        """d KL(P || Q) / d logits of one chunk, ``p (d - sum_v p_v d_v)`` with ``d = z - z_ref``.
+
+        ``d`` is the log-ratio ``log p - log q`` up to a per-row constant, which the centring
+        removes, so no two log-softmaxes are subtracted: where P is near Q the gradient keeps
+        the float32 rounding of its own size (one exponential per logit). ``-inf`` logits are
+        floored first, so their zero probabilities meet finite differences; NaN stays NaN.
+        """
+        p = torch.softmax(self.upcast.upcast(logits), -1, out=self.weights(logits.shape))
+        delta = self._floored(self.logp, logits).sub_(self._floored(self.logq, ref_logits))
+        centre = torch.linalg.vecdot(p, delta)
+        return delta.sub_(centre[..., None]).mul_(p)
+
+    @staticmethod
+    def _floored(buffer: Scratch, chunk: Tensor) -> Tensor:
+        """``chunk`` in the buffer's dtype with ``-inf`` raised to the lowest finite value."""
+        floor = torch.finfo(buffer.flat.dtype).min
+        if chunk.dtype == buffer.flat.dtype:
+            return torch.clamp_min(chunk, floor, out=buffer(chunk.shape))
+        return buffer(chunk.shape).copy_(chunk).clamp_min_(floor)
+
+
 def pair_forward(
     logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, mode: str, param: float
 ) -> Tensor:
@@ -240,10 +311,10 @@ def pair_forward(
     acc = accumulation_dtype(logits.dtype)
     out = torch.zeros(valid.shape, dtype=acc, device=logits.device)
     safe_targets = torch.where(valid, targets, 0)
+    work = PairWorkspace(logits, acc)
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
-        logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-        logq = reference_log_probs(ref_logits[b, t], safe_targets[b, t], mode, param, acc)
-        value = pair_value(*pair_scores(logp, logq, mode, param))
+        logp, logq = work.log_probs(logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, param)
+        value = pair_value(*pair_scores(logp, logq, mode, param, out=work.weights(logp.shape)))
         out[b, t] = torch.where(valid[b, t], value, 0.0)
     return out
 
@@ -265,15 +336,19 @@ def pair_backward(
     zero_outside(grad, groups)
     scale = torch.where(valid, grad_out.to(acc), 0.0)
     safe_targets = torch.where(valid, targets, 0)
+    work = PairWorkspace(logits, acc)
     for b, t in row_chunks(groups, logits.shape[-1]):
-        logq = reference_log_probs(ref_logits[b, t], safe_targets[b, t], mode, param, acc)
-        if mode in MODEL_WEIGHTED:
-            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-            weights, scores = pair_scores(logp, logq, mode, param)
-            inner = pair_gradient(logp, weights, scores, out[b, t], mode)
-        else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
-            logp = torch.log_softmax(logits[b, t], -1, dtype=acc)
-            inner = logp.exp_().sub_(logq.exp_())
+        if mode == "kl_forward":
+            inner = work.model_kl_gradient(logits[b, t], ref_logits[b, t])
+        else:
+            logp, logq = work.log_probs(
+                logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, param
+            )
+            if mode == "reference_ce":
+                weights, scores = pair_scores(logp, logq, mode, param, out=work.weights(logp.shape))
+                inner = pair_gradient(logp, weights, scores, out[b, t], mode)
+            else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
+                inner = logp.exp_().sub_(logq.exp_())
         if mode == "soft_target":
             # An ignored row may have no finite target (CE-U, one finite logit): NaN * 0 is NaN.
             inner.masked_fill_(~valid[b, t, None], 0.0)
