@@ -89,9 +89,18 @@ class Scratch:
     """One chunk-sized buffer that every chunk of a pass is computed in (reused, so no chunk
     allocates: fresh multi-megabyte temporaries cost page faults on each call)."""
 
-    def __init__(self, like: Tensor, dtype: torch.dtype, budget: int | None = None):
-        rows = max(1, (budget or CHUNK_BYTES) // (4 * like.shape[-1]))
-        self.flat = torch.empty(rows * like.shape[-1], dtype=dtype, device=like.device)
+    def __init__(
+        self,
+        like: Tensor,
+        dtype: torch.dtype,
+        budget: int | None = None,
+        vocab: int | None = None,
+    ):
+        """Room for ``budget`` bytes of float32 rows of ``vocab`` (default: ``like``'s last
+        dimension) entries, in ``dtype``, on ``like``'s device."""
+        vocab = like.shape[-1] if vocab is None else vocab
+        rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+        self.flat = torch.empty(rows * vocab, dtype=dtype, device=like.device)
 
     def __call__(self, shape: torch.Size) -> Tensor:
         """A contiguous view of the buffer with ``shape`` (at most one chunk)."""

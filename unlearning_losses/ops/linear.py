@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .chunked import (
     CHUNK_BYTES,
+    Scratch,
     accumulation_dtype,
     floored_logprob,
     label_gradient_,
@@ -115,7 +116,8 @@ class LinearLogprobs(torch.autograd.Function):
     With a frozen head the forward pass also keeps, per token, ``d_t = (onehot(y_t) - p_t) W``, the
     hidden-state gradient of ``log p_t`` (hidden-sized, not vocabulary-sized): the backward is then
     ``grad_out * d_t``, with no second pass over the vocabulary. A trained head needs the logits
-    again for its own gradient, so they are recomputed chunk by chunk in the backward.
+    again for its own gradient: the backward recomputes them a slice of the vocabulary at a time
+    for every valid token (see :func:`_head_backward`), from the log-sum-exps the forward keeps.
     """
 
     @staticmethod
@@ -133,62 +135,108 @@ class LinearLogprobs(torch.autograd.Function):
         vocab = weight.shape[0]
         budget = _budget(chunk_rows, vocab)
         out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
-        lse = torch.zeros_like(out)
         safe_targets = torch.where(valid, targets, 0)
         groups = row_groups(valid, vocab, budget)
+        scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
         directions = None
         if _frozen_head(hidden, weight, bias, grad_enabled):
             directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=out.device)
+        lse = torch.zeros_like(out) if grad_enabled and directions is None else None
         for b, t in row_chunks(groups, vocab, budget):
             z = _logits(hidden[b, t], weight, bias, acc)
-            chunk_lse = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
-            picked = torch.empty_like(chunk_lse)
+            picked = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
+            chunk_lse = torch.empty_like(picked)
             targets_flat = safe_targets[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
-                block_lse = torch.logsumexp(block, -1, keepdim=True)
-                chunk_lse.view(-1)[rows] = block_lse.squeeze(-1)
+                logp = torch.log_softmax(block, -1, out=scratch(block.shape))
                 index = targets_flat[rows]
-                label_logit = block.gather(-1, index)
-                picked.view(-1)[rows] = label_logit.squeeze(-1)
+                label_logp = logp.gather(-1, index)
+                picked.view(-1)[rows] = label_logp.squeeze(-1)
+                if lse is not None:
+                    # log p peaks where z does, at -log(sum exp(z - max)) exactly: the row's
+                    # log-sum-exp as log_softmax rounded it, from two in-cache max passes.
+                    chunk_lse.view(-1)[rows] = block.amax(-1) - logp.amax(-1)
                 if directions is not None:
-                    label_gradient_(
-                        block.sub_(block_lse).exp_(), label_logit - block_lse, index, 1.0, block
-                    )
-            lse[b, t] = chunk_lse
-            out[b, t] = torch.where(
-                valid[b, t], floored_logprob(picked - chunk_lse, chunk_lse), 0.0
-            )
+                    label_gradient_(torch.exp(logp, out=block), label_logp, index, 1.0, block)
+            out[b, t] = torch.where(valid[b, t], floored_logprob(picked), 0.0)
+            if lse is not None:
+                lse[b, t] = chunk_lse
             if directions is not None:
                 flat = z.view(-1, vocab).to(weight.dtype)
                 directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)
             del z  # before the next chunk's logits exist
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, out, directions)
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, out, lse, directions)
         ctx.groups, ctx.budget = groups, budget
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):
-        hidden, weight, bias, safe_targets, valid, lse, logprobs, directions = ctx.saved_tensors
+        hidden, weight, bias, safe_targets, valid, logprobs, lse, directions = ctx.saved_tensors
         acc = logprobs.dtype
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
         if directions is not None:
-            scale = torch.where(valid, grad_out.to(acc), 0.0)
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden[:, : valid.shape[1]] = (directions * scale[..., None]).to(hidden.dtype)
             return grad_hidden, None, None, None, None, None, None
-        grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad)
-        if grads.hidden is not None:
-            zero_outside(grads.hidden, ctx.groups)
-        scale = torch.where(valid, grad_out.to(acc), 0.0)
-        for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
-            z = _logits(hidden[b, t], weight, bias, acc)
-            chunk = [x[b, t].reshape(-1, 1) for x in (lse, logprobs, safe_targets, scale)]
-            for block, rows in _cache_blocks(z):
-                block_lse, logp, index, c = (x[rows] for x in chunk)
-                label_gradient_(block.sub_(block_lse).exp_(), logp, index, c, block)
-            grads.add(b, t, hidden, weight, z)
-            del z
-        return (*grads.result(weight, bias), None, None, None, None)
+        per_token = (safe_targets, lse, logprobs, scale)
+        grads = _head_backward(
+            hidden, weight, bias, valid, per_token, ctx.budget, ctx.needs_input_grad
+        )
+        return (*grads, None, None, None, None)
+
+
+def _head_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    valid: Tensor,
+    per_token: tuple[Tensor, ...],
+    budget: int,
+    needs: tuple,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum_t c_t log p_t(y_t)`` over the ``valid`` rows of ``hidden[:, :L]`` for a
+    trained head, the vocabulary a slice at a time.
+
+    ``per_token``: ``(B, L)`` targets, log-sum-exps, label log-probabilities and coefficients
+    ``c``. Each slice's logits for all N tokens give ``(onehot - p) c``
+    there; the slice's head gradient is then one well-shaped matmul written once (row chunks
+    would add a partial product into the whole head gradient per chunk), and the hidden gradient,
+    ``(N, H)``, accumulates over the slices. Invalid rows are never read.
+    """
+    rows = valid.nonzero(as_tuple=True)
+    targets, lse, logp, coefficient = (x[rows][:, None] for x in per_token)
+    acc = lse.dtype
+    vocab = weight.shape[0]
+    tokens = hidden[:, : valid.shape[1]][rows]
+    tokens_acc = tokens.to(acc)
+    width = max(1, budget // (4 * max(1, tokens.shape[0])))
+    grad_tokens = torch.zeros(tokens.shape, dtype=acc, device=hidden.device) if needs[0] else None
+    grad_weight = torch.zeros_like(weight) if needs[1] else None
+    grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
+    for v0 in range(0, vocab, width):
+        v1 = min(v0 + width, vocab)
+        head = weight[v0:v1]
+        z = _logits(tokens, head, None if bias is None else bias[v0:v1], acc)
+        has_label = (targets >= v0) & (targets < v1)
+        local = torch.where(has_label, targets - v0, 0)
+        for block, span in _cache_blocks(z):
+            probs = block.sub_(lse[span]).exp_()
+            label_gradient_(
+                probs, logp[span], local[span], coefficient[span], block, has_label[span]
+            )
+        if grad_tokens is not None:
+            grad_tokens += (z.to(weight.dtype) @ head).to(acc)
+        if grad_weight is not None:
+            grad_weight[v0:v1] = (z.T @ tokens_acc).to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias[v0:v1] = z.sum(0).to(grad_bias.dtype)
+        del z
+    grad_hidden = None
+    if grad_tokens is not None:
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden[:, : valid.shape[1]][rows] = grad_tokens.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 class LinearTokenKL(torch.autograd.Function):
@@ -286,17 +334,18 @@ class LinearTokenSum(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0)
         coefficient = torch.where(valid, scale.to(acc), 0.0)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
         for b, t in row_chunks(groups, vocab, budget):
             z = _logits(hidden[b, t], weight, bias, acc)
             chunk_targets = safe_targets[b, t].reshape(-1, 1)
             chunk_coefficient = coefficient[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
-                lse = torch.logsumexp(block, -1, keepdim=True)
+                logp = torch.log_softmax(block, -1, out=scratch(block.shape))
                 index, c = chunk_targets[rows], chunk_coefficient[rows]
-                logp = block.gather(-1, index).sub_(lse)
-                total += (logp * c).sum()
+                label_logp = logp.gather(-1, index)
+                total += (label_logp * c).sum()
                 if grads is not None:
-                    label_gradient_(block.sub_(lse).exp_(), logp, index, c, block)
+                    label_gradient_(torch.exp(logp, out=block), label_logp, index, c, block)
             if grads is not None:
                 grads.add(b, t, hidden, weight, z)
             del z  # before the next chunk's logits exist
