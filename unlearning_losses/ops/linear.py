@@ -1,11 +1,15 @@
 """The token reductions computed from hidden states and an output head, never materialising the
 logits.
 
-Each chunk of rows computes its logits ``h W^T + b`` (at most ``budget`` bytes of float32), reduces
-them and drops them. The backward recomputes each chunk's logits, forms ``dL/dz`` in float32 from
-the per-token coefficient that autograd hands it (for NPO and SimNPO that coefficient is the closed
-form of the sequence-level math, computed on ``(B, L)`` tensors), and accumulates the hidden, weight
-and bias gradients (weight and bias in float32). A head that does not require grad is skipped.
+Each chunk computes its logits ``h W^T + b`` (at most ``budget`` bytes of float32), reduces them
+and drops them. Token sums (GA, NLL, KL) and frozen heads chunk the rows, since each row's
+softmax is needed whole; the per-token log-probabilities of a trained head (NPO, SimNPO) chunk
+the vocabulary instead: every valid token at once against a slice of the head, the log-sum-exp
+joined across slices, and in the backward each slice's head gradient written once. The backward
+forms ``dL/dz`` in float32 from the per-token coefficient that autograd hands it (for NPO and
+SimNPO the closed form of the sequence-level math, computed on ``(B, L)`` tensors) and
+accumulates the hidden, weight and bias gradients (weight and bias in float32). A head that does
+not require grad is skipped.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from .chunked import (
     zero_outside,
 )
 
-#: Bytes of float32 logits that one chunk may hold; results do not depend on it. Each chunk's
-#: matmul re-reads (and re-packs) the whole head, so fewer, larger chunks are faster: on the CPU
+#: Bytes of float32 logits that one chunk may hold; results do not depend on it. A chunk of rows
+#: re-reads (and re-packs) the whole head, so fewer, larger chunks are faster: on the CPU
 #: benchmark (V = 128256) frozen-head GA took 15.5 s with 64 MiB chunks, 13.1 s with 128 MiB.
 LINEAR_CHUNK_BYTES = 128 * 1024 * 1024
 #: Bytes of one block of a chunk's logits for the elementwise passes (cache-sized).
@@ -131,42 +135,17 @@ class LinearLogprobs(torch.autograd.Function):
         chunk_rows: int | None,
         grad_enabled: bool,
     ) -> Tensor:
-        acc = accumulation_dtype(hidden.dtype)
-        vocab = weight.shape[0]
-        budget = _budget(chunk_rows, vocab)
-        out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
+        budget = _budget(chunk_rows, weight.shape[0])
         safe_targets = torch.where(valid, targets, 0)
-        groups = row_groups(valid, vocab, budget)
-        scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
-        directions = None
+        directions = lse = None
         if _frozen_head(hidden, weight, bias, grad_enabled):
-            directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=out.device)
-        lse = torch.zeros_like(out) if grad_enabled and directions is None else None
-        for b, t in row_chunks(groups, vocab, budget):
-            z = _logits(hidden[b, t], weight, bias, acc)
-            picked = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
-            chunk_lse = torch.empty_like(picked)
-            targets_flat = safe_targets[b, t].reshape(-1, 1)
-            for block, rows in _cache_blocks(z):
-                logp = torch.log_softmax(block, -1, out=scratch(block.shape))
-                index = targets_flat[rows]
-                label_logp = logp.gather(-1, index)
-                picked.view(-1)[rows] = label_logp.squeeze(-1)
-                if lse is not None:
-                    # log p peaks where z does, at -log(sum exp(z - max)) exactly: the row's
-                    # log-sum-exp as log_softmax rounded it, from two in-cache max passes.
-                    chunk_lse.view(-1)[rows] = block.amax(-1) - logp.amax(-1)
-                if directions is not None:
-                    label_gradient_(torch.exp(logp, out=block), label_logp, index, 1.0, block)
-            out[b, t] = torch.where(valid[b, t], floored_logprob(picked), 0.0)
-            if lse is not None:
-                lse[b, t] = chunk_lse
-            if directions is not None:
-                flat = z.view(-1, vocab).to(weight.dtype)
-                directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)
-            del z  # before the next chunk's logits exist
+            out, directions = _frozen_head_forward(
+                hidden, weight, bias, safe_targets, valid, budget
+            )
+        else:
+            out, lse = _head_logprobs(hidden, weight, bias, safe_targets, valid, budget)
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, out, lse, directions)
-        ctx.groups, ctx.budget = groups, budget
+        ctx.budget = budget
         return out
 
     @staticmethod
@@ -184,6 +163,74 @@ class LinearLogprobs(torch.autograd.Function):
             hidden, weight, bias, valid, per_token, ctx.budget, ctx.needs_input_grad
         )
         return (*grads, None, None, None, None)
+
+
+def _frozen_head_forward(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor, budget: int
+) -> tuple[Tensor, Tensor]:
+    """Per-token log p(target) over ``hidden[:, :L]`` and each token's hidden-state gradient
+    direction ``(onehot(y) - p) W``, by chunks of rows (each needs its whole row's softmax)."""
+    acc = accumulation_dtype(hidden.dtype)
+    vocab = weight.shape[0]
+    out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
+    directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=hidden.device)
+    scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
+    for b, t in row_chunks(row_groups(valid, vocab, budget), vocab, budget):
+        z = _logits(hidden[b, t], weight, bias, acc)
+        picked = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
+        targets_flat = targets[b, t].reshape(-1, 1)
+        for block, rows in _cache_blocks(z):
+            logp = torch.log_softmax(block, -1, out=scratch(block.shape))
+            index = targets_flat[rows]
+            label_logp = logp.gather(-1, index)
+            picked.view(-1)[rows] = label_logp.squeeze(-1)
+            label_gradient_(torch.exp(logp, out=block), label_logp, index, 1.0, block)
+        out[b, t] = torch.where(valid[b, t], floored_logprob(picked), 0.0)
+        flat = z.view(-1, vocab).to(weight.dtype)
+        directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)
+        del z  # before the next chunk's logits exist
+    return out, directions
+
+
+def _vocabulary_slices(
+    tokens: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, budget: int
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(v0, v1, logits)``: the logits of every row of ``tokens (N, H)`` for the vocabulary
+    slice ``[v0, v1)``, slices of at most ``budget`` bytes of float32.
+
+    Slicing the vocabulary instead of the rows keeps every matmul well shaped (all N tokens at
+    once) and reads each part of the head once per pass."""
+    vocab = weight.shape[0]
+    width = max(1, budget // (4 * max(1, tokens.shape[0])))
+    for v0 in range(0, vocab, width):
+        v1 = min(v0 + width, vocab)
+        yield v0, v1, _logits(tokens, weight[v0:v1], None if bias is None else bias[v0:v1], acc)
+
+
+def _head_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor, budget: int
+) -> tuple[Tensor, Tensor]:
+    """Per-token log p(target) and log-sum-exp over the ``valid`` rows of ``hidden[:, :L]``, both
+    ``(B, L)`` (0 elsewhere), the vocabulary a slice at a time: each slice's log-sum-exp joins
+    the running one through ``logaddexp``."""
+    acc = accumulation_dtype(hidden.dtype)
+    rows = valid.nonzero(as_tuple=True)
+    tokens = hidden[:, : valid.shape[1]][rows]
+    labels = targets[rows][:, None]
+    running = torch.full((tokens.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
+    label_logit = torch.zeros((tokens.shape[0], 1), dtype=acc, device=hidden.device)
+    for v0, v1, z in _vocabulary_slices(tokens, weight, bias, acc, budget):
+        for block, span in _cache_blocks(z):
+            running[span] = torch.logaddexp(running[span], torch.logsumexp(block, -1))
+        has_label = (labels >= v0) & (labels < v1)
+        local = torch.where(has_label, labels - v0, 0)
+        label_logit = torch.where(has_label, z.gather(-1, local), label_logit)
+        del z
+    out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
+    lse = torch.zeros_like(out)
+    out[rows] = floored_logprob(label_logit.squeeze(-1) - running, running)
+    lse[rows] = running
+    return out, lse
 
 
 def _head_backward(
@@ -207,17 +254,12 @@ def _head_backward(
     rows = valid.nonzero(as_tuple=True)
     targets, lse, logp, coefficient = (x[rows][:, None] for x in per_token)
     acc = lse.dtype
-    vocab = weight.shape[0]
     tokens = hidden[:, : valid.shape[1]][rows]
     tokens_acc = tokens.to(acc)
-    width = max(1, budget // (4 * max(1, tokens.shape[0])))
     grad_tokens = torch.zeros(tokens.shape, dtype=acc, device=hidden.device) if needs[0] else None
     grad_weight = torch.zeros_like(weight) if needs[1] else None
     grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-    for v0 in range(0, vocab, width):
-        v1 = min(v0 + width, vocab)
-        head = weight[v0:v1]
-        z = _logits(tokens, head, None if bias is None else bias[v0:v1], acc)
+    for v0, v1, z in _vocabulary_slices(tokens, weight, bias, acc, budget):
         has_label = (targets >= v0) & (targets < v1)
         local = torch.where(has_label, targets - v0, 0)
         for block, span in _cache_blocks(z):
@@ -226,7 +268,7 @@ def _head_backward(
                 probs, logp[span], local[span], coefficient[span], block, has_label[span]
             )
         if grad_tokens is not None:
-            grad_tokens += (z.to(weight.dtype) @ head).to(acc)
+            grad_tokens += (z.to(weight.dtype) @ weight[v0:v1]).to(acc)
         if grad_weight is not None:
             grad_weight[v0:v1] = (z.T @ tokens_acc).to(weight.dtype)
         if grad_bias is not None:
