@@ -1,15 +1,15 @@
 """``unlearning-losses bench``: the losses' microbenchmarks, on the device you have.
 
 For each loss (GA, NPO, KL, SimNPO, UNDIAL from logits; GA, NPO, KL from hidden states) and each
-implementation that can run here (ours; ours with ``inplace_backward`` for GA, NPO and KL; eager
-PyTorch as research code writes it; ``torch.compile`` of that; Liger-Kernel's and Cut
+implementation that can run here (ours; ours with ``inplace_backward`` for GA, NPO, KL and SimNPO;
+eager PyTorch as research code writes it; ``torch.compile`` of that; Liger-Kernel's and Cut
 Cross-Entropy's kernels and PyTorch's ``linear_cross_entropy`` where available), it measures
-forward, backward and forward+backward (median after a warm-up; CUDA events on a GPU), the
-achieved GB/s of the logits' traffic and its fraction of the measured copy bandwidth, the peak
-memory beyond the inputs, and the error against the float64 evaluation of the same loss on a
-slice of the batch. The header also gives the time to write a new buffer against a used one:
-the page faults that a backward returning a fresh gradient pays on a CPU. It prints a markdown
-table; ``--out DIR`` also writes CSV, JSON and a PNG of time and memory against the vocabulary.
+forward, backward and forward+backward (median after a warm-up; CUDA events on a GPU), the achieved
+GB/s of the logits' traffic and its fraction of the measured copy bandwidth, the peak memory beyond
+the inputs, and the error against the float64 evaluation of the same loss on a slice of the batch.
+The header also gives the time to write a new buffer against a used one: the page faults that a
+backward returning a fresh gradient pays on a CPU. It prints a markdown table; ``--out DIR`` also
+writes CSV, JSON and a PNG of time and memory against the vocabulary.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def traffic(loss: str) -> dict[str, int] | None:
 def providers(loss: str, device: torch.device, compiled: bool) -> dict[str, Loss]:
     """Every implementation of ``loss`` that can run here, ``"ours"`` first."""
     found = {"ours": _ours(loss)}
-    if loss in ("ga", "npo", "kl"):
+    if loss in ("ga", "npo", "kl", "simnpo"):
         found["ours, in-place backward"] = _ours(loss, inplace_backward=True)
     found["eager"] = _EAGER[loss]
     if compiled:
