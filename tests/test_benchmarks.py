@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ def test_bench_command_writes_its_table_csv_json_and_plot(tmp_path):
         for vocab in (40, 80):
             assert f"| {loss} | {vocab} | float32 | ours |" in table
             assert f"| {loss} | {vocab} | float32 | eager |" in table
+        if loss != "linear_ga":
+            assert f"| {loss} | 40 | float32 | ours, in-place backward |" in table
+    assert re.search(
+        r"writing 256 MiB takes \d+ ms into a new buffer, \d+ ms into a used one", table
+    )
     records = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert all(r["fwd+bwd_ms"] > 0 and r["error_vs_float64"] < 1e-4 for r in records)
     assert (tmp_path / "bench.csv").read_text().startswith("loss,vocab,dtype,implementation")
