@@ -246,9 +246,9 @@ def _head_backward(
     trained head, the vocabulary a slice at a time.
 
     ``per_token``: ``(B, L)`` targets, log-sum-exps, label log-probabilities and coefficients
-    ``c``. Each slice's logits for all N tokens give ``(onehot - p) c``
-    there; the slice's head gradient is then one well-shaped matmul written once (row chunks
-    would add a partial product into the whole head gradient per chunk), and the hidden gradient,
+    ``c``. Each slice's logits for all N valid tokens give ``(onehot - p) c`` there; the slice's
+    head gradient is then one well-shaped matmul written once (row chunks would add a partial
+    product into the whole head gradient per chunk), and the hidden gradient,
     ``(N, H)``, accumulates over the slices. Invalid rows are never read.
     """
     rows = valid.nonzero(as_tuple=True)
