@@ -366,3 +366,38 @@ def test_float64_heads_stay_float64_and_equal_the_logits_path(loss):
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("select", [True, False], ids=["valid rows", "every row, masked"])
+def test_a_trained_heads_log_probs_never_read_ignored_hidden_states(monkeypatch, select):
+    """Both row choices of the vocabulary-sliced pass (the valid rows, as on the CPU; every row with
+    the ignored ones zeroed, as on a GPU, without a host sync): NaN hidden states at an ignored
+    position reach neither the value nor any gradient, which equal the logits version's."""
+    from unlearning_losses.ops import linear as fused
+
+    choose = fused._token_rows
+    monkeypatch.setattr(fused, "_token_rows", lambda h, v: choose(h, v, select=select))
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(30, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 30, (2, 6), generator=g)
+    labels[0, :3] = -100  # after the shift, positions 0 and 1 of the first sequence are ignored
+    ref = -torch.rand(2, 5, generator=g, dtype=torch.float64)
+    dirty = h.clone()
+    dirty[0, 1] = float("nan")
+
+    def value_and_grads(fn, hidden):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        value = fn(*leaves)
+        return [value, *torch.autograd.grad(value, leaves)]
+
+    ours = value_and_grads(
+        lambda x, w, b: ul.linear_npo_loss(x, w, labels, bias=b, ref_logprobs=ref), dirty
+    )
+    expected = value_and_grads(
+        lambda x, w, b: ul.npo_loss(torch.nn.functional.linear(x, w, b), labels, ref_logprobs=ref),
+        h,
+    )
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -192,6 +192,27 @@ def _frozen_head_forward(
     return out, directions
 
 
+def _token_rows(
+    hidden: Tensor, valid: Tensor, select: bool | None = None
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The rows of ``hidden[:, :L]`` a vocabulary-sliced pass visits, ``(N, H)``, and their
+    ``(batch, time)`` index.
+
+    ``select`` (default: on the CPU, where reading the mask costs no device sync): the valid rows
+    only. Otherwise every row, the invalid ones zeroed so that padding's hidden states (even
+    NaN) reach no gradient: their coefficient is 0 and their logits are the bias.
+    """
+    window = hidden[:, : valid.shape[1]]
+    if select is None:
+        select = valid.device.type == "cpu"
+    if select:
+        rows = valid.nonzero(as_tuple=True)
+        return window[rows], rows
+    batch, time = (torch.arange(n, device=valid.device) for n in valid.shape)
+    rows = (batch.repeat_interleave(valid.shape[1]), time.repeat(valid.shape[0]))
+    return torch.where(valid[rows][:, None], window[rows], 0.0), rows
+
+
 def _vocabulary_slices(
     tokens: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, budget: int
 ) -> Iterator[tuple[int, int, Tensor]]:
@@ -214,8 +235,7 @@ def _head_logprobs(
     ``(B, L)`` (0 elsewhere), the vocabulary a slice at a time: each slice's log-sum-exp joins
     the running one through ``logaddexp``."""
     acc = accumulation_dtype(hidden.dtype)
-    rows = valid.nonzero(as_tuple=True)
-    tokens = hidden[:, : valid.shape[1]][rows]
+    tokens, rows = _token_rows(hidden, valid)
     labels = targets[rows][:, None]
     running = torch.full((tokens.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
     label_logit = torch.zeros((tokens.shape[0], 1), dtype=acc, device=hidden.device)
@@ -228,7 +248,8 @@ def _head_logprobs(
         del z
     out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
     lse = torch.zeros_like(out)
-    out[rows] = floored_logprob(label_logit.squeeze(-1) - running, running)
+    logprob = floored_logprob(label_logit.squeeze(-1) - running, running)
+    out[rows] = torch.where(valid[rows], logprob, 0.0)
     lse[rows] = running
     return out, lse
 
@@ -248,13 +269,12 @@ def _head_backward(
     ``per_token``: ``(B, L)`` targets, log-sum-exps, label log-probabilities and coefficients
     ``c``. Each slice's logits for all N valid tokens give ``(onehot - p) c`` there; the slice's
     head gradient is then one well-shaped matmul written once (row chunks would add a partial
-    product into the whole head gradient per chunk), and the hidden gradient,
-    ``(N, H)``, accumulates over the slices. Invalid rows are never read.
+    product into the whole head gradient per chunk), and the hidden gradient, ``(N, H)``,
+    accumulates over the slices. Invalid rows contribute nothing (see :func:`_token_rows`).
     """
-    rows = valid.nonzero(as_tuple=True)
+    tokens, rows = _token_rows(hidden, valid)
     targets, lse, logp, coefficient = (x[rows][:, None] for x in per_token)
     acc = lse.dtype
-    tokens = hidden[:, : valid.shape[1]][rows]
     tokens_acc = tokens.to(acc)
     grad_tokens = torch.zeros(tokens.shape, dtype=acc, device=hidden.device) if needs[0] else None
     grad_weight = torch.zeros_like(weight) if needs[1] else None
