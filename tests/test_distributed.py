@@ -15,12 +15,15 @@ from ranks import run_on_ranks
 
 from unlearning_losses import (
     ceu_loss,
+    dpo_loss,
     ga_loss,
     global_counts,
+    idk_loss,
     kl_divergence,
     kl_loss,
     nll_loss,
     npo_loss,
+    satimp_loss,
     simnpo_loss,
     tnpo_loss,
     token_logprobs,
@@ -102,49 +105,96 @@ def _weighted_sum(values: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     return (values * upstream.flatten()[: values.numel()].reshape(values.shape)).sum()
 
 
-def _check_vocab_parallel(rank: int) -> None:
-    vocab = 12
-    # float64: the sharded reductions sum in another order, and a float32 KL of ~1e-3 is only
-    # good to ~1e-4 relative whichever order; in float64 both paths agree to rounding.
-    hidden, head, ref_logits, labels = _inputs(vocab, torch.float64)
-    logits = hidden @ head.T
-    logits[1, 3, :7] = float("-inf")  # masked vocabulary, wholly inside rank 0's shard at row 3
-    ref_logits[1, 3, :7] = float("-inf")
-    labels[1, 4] = 9  # row 3 scores label 9, which rank 1 holds
-    columns = slice(rank * vocab // WORLD, (rank + 1) * vocab // WORLD)
-    upstream = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    group = dist.group.WORLD
-
-    primitives = {
+def _vocab_parallel_losses(labels: torch.Tensor, ref_logprobs: torch.Tensor):
+    """Every loss with a vocabulary-parallel path, as ``f(logits, ref_logits, **kw)``."""
+    return {
         "token_logprobs": lambda x, r, **kw: token_logprobs(x, labels, **kw),
+        "ga": lambda x, r, **kw: ga_loss(x, labels, **kw),
+        "nll": lambda x, r, **kw: nll_loss(x, labels, reduction="sum", **kw),
+        "idk": lambda x, r, **kw: idk_loss(x, labels, **kw),
         "kl_forward": lambda x, r, **kw: kl_divergence(x, r, labels, reduction="none", **kw),
         "kl_reverse": lambda x, r, **kw: kl_divergence(
             x, r, labels, direction="reverse", reduction="none", **kw
         ),
-        "kl_all_positions": lambda x, r, **kw: kl_divergence(x, r, reduction="none", **kw)[:, 1:],
+        "kl_loss": lambda x, r, **kw: kl_loss(x, r, labels, **kw),
         "npo": lambda x, r, **kw: npo_loss(x, labels, ref_logits=r, reduction="none", **kw),
-        "ga": lambda x, r, **kw: ga_loss(x, labels, **kw),
+        "npo_ref_logprobs": lambda x, r, **kw: npo_loss(
+            x, labels, ref_logprobs=ref_logprobs, granularity="token", **kw
+        ),
         "simnpo": lambda x, r, **kw: simnpo_loss(x, labels, reduction="none", **kw),
+        "dpo": lambda x, r, **kw: dpo_loss(
+            x,
+            labels,
+            0.5 * x,
+            labels,
+            ref_chosen_logits=r,
+            ref_rejected_logprobs=ref_logprobs,
+            **kw,
+        ),
         "wga": lambda x, r, **kw: wga_loss(x, labels, reduction="none", **kw),
+        "satimp": lambda x, r, **kw: satimp_loss(x, labels, **kw),
         "tnpo": lambda x, r, **kw: tnpo_loss(x, labels, ref_logits=r, **kw),
     }
-    for name, fn in primitives.items():
+
+
+def _check_vocab_parallel(rank: int, widths: tuple[int, ...]) -> None:
+    """Each rank holds ``widths[rank]`` columns, in rank order: uneven slices, and a rank holding
+    none when the vocabulary is smaller than the group."""
+    vocab = sum(widths)
+    # float64: the sharded reductions sum in another order, and a float32 KL of ~1e-3 is only
+    # good to ~1e-4 relative whichever order; in float64 both paths agree to rounding.
+    hidden, head, ref_logits, labels = _inputs(vocab, torch.float64)
+    logits = hidden @ head.T
+    logits[1, 3, : widths[0]] = float("-inf")  # masked vocabulary, wholly inside rank 0's shard
+    ref_logits[1, 3, : widths[0]] = float("-inf")
+    labels[1, 4] = vocab - 1  # row 3 scores the last column, which the last rank holds
+    labels[2, 3] = -100  # row 2 of sequence 2 is ignored: it becomes NaN padding below
+    offset = sum(widths[:rank])
+    columns = slice(offset, offset + widths[rank])
+
+    def check(name, fn, logits):
+        upstream = torch.randn(4, 7, generator=torch.Generator().manual_seed(1)).double()
         full_input = logits.clone().requires_grad_(True)
         full = fn(full_input, ref_logits)
         _weighted_sum(full, upstream).backward()
         shard = logits[..., columns].clone().requires_grad_(True)
-        sharded = fn(shard, ref_logits[..., columns].contiguous(), vocab_group=group)
+        sharded = fn(shard, ref_logits[..., columns].contiguous(), vocab_group=dist.group.WORLD)
         _weighted_sum(sharded, upstream).backward()
-        _close(sharded.detach(), full.detach(), f"{name} value", rtol=1e-12)
-        _close(shard.grad, full_input.grad[..., columns], f"{name} gradient", rtol=1e-12)
+        what = f"{name} with widths {widths}"
+        assert torch.isfinite(full.detach()).all(), what
+        _close(sharded.detach(), full.detach(), f"{what}: value", rtol=1e-12)
+        _close(shard.grad, full_input.grad[..., columns], f"{what}: gradient", rtol=1e-12)
+        return shard.grad
+
+    # Every position counts here, so it takes the logits before the NaN padding row.
+    check(
+        "kl_all_positions", lambda x, r, **kw: kl_divergence(x, r, reduction="none", **kw), logits
+    )
+    logits[2, 2] = float("nan")
+    ref_logprobs = token_logprobs(ref_logits, labels)
+    for name, fn in _vocab_parallel_losses(labels, ref_logprobs).items():
+        grad = check(name, fn, logits)
+        assert not grad[2, 2].isnan().any(), f"{name}: an ignored NaN row gets gradient 0"
 
 
-CHECKS = {"data_parallel": _check_data_parallel, "vocab_parallel": _check_vocab_parallel}
+def _check_uneven_vocab_parallel(rank: int) -> None:
+    _check_vocab_parallel(rank, (7, 4))  # V = 11: any widths, not only torch.chunk's 6 + 5
+
+
+def _check_vocab_smaller_than_group(rank: int) -> None:
+    _check_vocab_parallel(rank, (3, 0, 5, 1))  # rank 1 holds no column
+
+
+CHECKS = {"data_parallel": _check_data_parallel, "vocab_parallel": _check_uneven_vocab_parallel}
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_two_ranks_equal_one_process(check, tmp_path):
     run_on_ranks(CHECKS[check], WORLD, tmp_path)
+
+
+def test_a_rank_without_vocabulary_columns_equals_one_process(tmp_path):
+    run_on_ranks(_check_vocab_smaller_than_group, 4, tmp_path)
 
 
 def test_global_counts_over_micro_batches_equal_the_counts_of_their_union():

@@ -25,9 +25,10 @@ def check_tensor(value: object, name: str) -> Tensor:
     return value
 
 
-def check_logits(logits: object, name: str = "logits") -> Tensor:
-    """Logits: a floating tensor of shape (B, T, V) or (N, V) with V >= 1."""
-    return _check_per_token(logits, name, "V", "a vocabulary size")
+def check_logits(logits: object, name: str = "logits", *, vocab_slice: bool = False) -> Tensor:
+    """Logits: a floating tensor of shape (B, T, V) or (N, V) with V >= 1; V >= 0 for a rank's
+    ``vocab_slice`` (a vocabulary smaller than its group leaves some ranks without a column)."""
+    return _check_per_token(logits, name, "V", "a vocabulary size", 0 if vocab_slice else 1)
 
 
 def check_hidden(hidden: object, name: str = "hidden") -> Tensor:
@@ -35,7 +36,7 @@ def check_hidden(hidden: object, name: str = "hidden") -> Tensor:
     return _check_per_token(hidden, name, "H", "a hidden size")
 
 
-def _check_per_token(value: object, name: str, axis: str, size: str) -> Tensor:
+def _check_per_token(value: object, name: str, axis: str, size: str, minimum: int = 1) -> Tensor:
     tensor = check_tensor(value, name)
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {tensor.dtype}")
@@ -44,8 +45,8 @@ def _check_per_token(value: object, name: str, axis: str, size: str) -> Tensor:
             f"{name} must have shape (B, T, {axis}) or (N, {axis}); got {tensor.dim()} "
             f"dimensions {_shape(tensor)}"
         )
-    if tensor.shape[-1] < 1:
-        raise ValueError(f"{name} must have {size} of at least 1; got {_shape(tensor)}")
+    if tensor.shape[-1] < minimum:
+        raise ValueError(f"{name} must have {size} of at least {minimum}; got {_shape(tensor)}")
     return tensor
 
 
@@ -80,7 +81,11 @@ def autograd_constant(tensor: Tensor) -> Tensor:
 
 
 def check_label_range(
-    labels: Tensor, vocab_size: int, ignore_index: int, validate: bool, name: str = "labels"
+    labels: Tensor,
+    vocab_size: int | Tensor,
+    ignore_index: int,
+    validate: bool,
+    name: str = "labels",
 ) -> None:
     """Labels outside [0, V) other than ignore_index are refused on CPU, and on CUDA when asked.
 
@@ -93,7 +98,7 @@ def check_label_range(
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(
-            f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"{name} must lie in [0, {int(vocab_size)}) or equal ignore_index={ignore_index}; "
             f"got {int(bad.sum())} value(s) outside, e.g. {first}"
         )
 

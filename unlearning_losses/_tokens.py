@@ -112,7 +112,7 @@ def align(
     )
     _checks.check_int(ignore_index, "ignore_index")
     _checks.check_choice(backend, BACKENDS, "backend")
-    vocab = logits.shape[-1] if vocab_size is None else vocab_size
+    vocab: int | Tensor = logits.shape[-1] if vocab_size is None else vocab_size
     if split.vocab is not None:
         vocab = split.vocab.size
     _checks.check_label_range(labels, vocab, ignore_index, validate, labels_name)
@@ -162,10 +162,19 @@ def _local_logits(
     """Checked logits (hidden states with ``hidden``) as this rank's local tensor, how they are
     spread over ranks, and the caller's per-token shape over all of them (DTensor input; else
     empty)."""
-    check = _checks.check_hidden if hidden else _checks.check_logits
     if not sharding.is_dtensor(logits):
-        logits = check(logits, name)
-        return logits, sharding.from_groups(logits, vocab_group, sequence_group), ()
+        if hidden:
+            logits = _checks.check_hidden(logits, name)
+        else:
+            logits = _checks.check_logits(logits, name, vocab_slice=vocab_group is not None)
+        split = sharding.from_groups(logits, vocab_group, sequence_group)
+        if split.vocab is not None and isinstance(split.vocab.size, int) and split.vocab.size < 1:
+            raise ValueError(
+                f"{name} must have a vocabulary of at least 1 column over vocab_group; every "
+                f"rank holds none ({tuple(logits.shape)} here)"
+            )
+        return logits, split, ()
+    check = _checks.check_hidden if hidden else _checks.check_logits
     check(logits, name)
     if vocab_group is not None or sequence_group is not None:
         raise ValueError(

@@ -46,11 +46,15 @@ def check_group(group: object, name: str) -> Any:
 
 @dataclass(frozen=True)
 class VocabShard:
-    """This rank's columns ``[offset, offset + local size)`` of a vocabulary of ``size``."""
+    """This rank's columns ``[offset, offset + local size)`` of a vocabulary of ``size``.
+
+    From explicit groups on an accelerator both are 0-d tensors on the logits' device (the ranks'
+    widths arrive through a collective; reading them on the host would wait for it).
+    """
 
     group: Any
-    offset: int
-    size: int
+    offset: int | Tensor
+    size: int | Tensor
 
 
 @dataclass(frozen=True)
@@ -103,19 +107,26 @@ def reduced_sum(value: Tensor, groups: tuple) -> Tensor:
 
 
 def from_groups(logits: Tensor, vocab_group: Any, sequence_group: Any) -> Sharding:
-    """The sharding given by explicit groups: rank ``r`` of ``vocab_group`` holds the columns
-    ``[r * V_local, (r + 1) * V_local)``."""
+    """The sharding given by explicit groups: the ranks of ``vocab_group`` hold contiguous slices
+    of the vocabulary in rank order, of any widths (see :func:`group_vocab_shard`)."""
     vocab_group = check_group(vocab_group, "vocab_group")
     sequence_group = check_group(sequence_group, "sequence_group")
-    vocab = None
-    if vocab_group is not None:
-        local = logits.shape[-1]
-        vocab = VocabShard(
-            vocab_group,
-            dist.get_rank(vocab_group) * local,
-            local * dist.get_world_size(vocab_group),
-        )
+    vocab = None if vocab_group is None else group_vocab_shard(logits, vocab_group)
     return Sharding(vocab=vocab, sequence_group=sequence_group)
+
+
+def group_vocab_shard(logits: Tensor, group: Any) -> VocabShard:
+    """This rank's slice of a vocabulary split over ``group``: the ranks' widths are summed into
+    their slots of one vector with a single ``all_reduce``, so slices may differ in width (V = 11
+    over 2 ranks is 6 + 5; a rank may hold none) and each offset is the lower ranks' total."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    widths = torch.zeros(world, dtype=torch.int64, device=logits.device)
+    widths[rank] = logits.shape[-1]
+    dist.all_reduce(widths, op=dist.ReduceOp.SUM, group=group)
+    offset, size = widths[:rank].sum(), widths.sum()
+    if logits.device.type == "cpu":  # no device to wait for: plain integers
+        return VocabShard(group, int(offset), int(size))
+    return VocabShard(group, offset, size)
 
 
 def from_dtensor(logits: Any, name: str, *, vocab_parallel: bool = True) -> Sharding:

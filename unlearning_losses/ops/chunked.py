@@ -46,7 +46,7 @@ def row_groups(valid: Tensor, vocab: int, budget: int | None = None) -> list[Gro
     """Consecutive batch elements whose spans, united, fit one chunk together (short sequences);
     a long sequence is a group of its own. A chunk is ``budget`` bytes of float32 rows of ``vocab``
     (default ``CHUNK_BYTES``)."""
-    rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+    rows = max(1, (budget or CHUNK_BYTES) // (4 * max(1, vocab)))
     spans = valid_spans(valid)
     groups: list[Group] = []
     b0 = 0
@@ -71,7 +71,7 @@ def row_chunks(
     groups: list[Group], vocab: int, budget: int | None = None
 ) -> Iterator[tuple[slice, slice]]:
     """Yield (batch slice, time slice) blocks of at most ``budget`` bytes of float32 rows."""
-    rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+    rows = max(1, (budget or CHUNK_BYTES) // (4 * max(1, vocab)))
     for b0, b1, start, stop in groups:
         step = max(1, rows // (b1 - b0))
         for t0 in range(start, stop, step):
@@ -99,7 +99,7 @@ class Scratch:
         """Room for ``budget`` bytes of float32 rows of ``vocab`` (default: ``like``'s last
         dimension) entries, in ``dtype``, on ``like``'s device."""
         vocab = like.shape[-1] if vocab is None else vocab
-        rows = max(1, (budget or CHUNK_BYTES) // (4 * vocab))
+        rows = max(1, (budget or CHUNK_BYTES) // (4 * max(1, vocab)))
         self.flat = torch.empty(rows * vocab, dtype=dtype, device=like.device)
 
     def __call__(self, shape: torch.Size) -> Tensor:
@@ -180,6 +180,8 @@ def logprobs_backward(
     for b, t in row_chunks(groups, logits.shape[-1]):
         chunk = upcast.upcast(logits[b, t])
         probs = torch.softmax(chunk, -1, out=scratch(chunk.shape))
+        # An ignored row's logits may be NaN (padding): its gradient is 0, not NaN * 0.
+        probs.masked_fill_(~valid[b, t, None], 0.0)
         label_gradient_(
             probs, logprobs[b, t, None], safe_targets[b, t, None], scale[b, t, None], grad[b, t]
         )
@@ -358,7 +360,7 @@ def pair_backward(
                 inner = pair_gradient(logp, weights, scores, out[b, t], mode)
             else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
                 inner = logp.exp_().sub_(logq.exp_())
-        if mode == "soft_target":
-            # An ignored row may have no finite target (CE-U, one finite logit): NaN * 0 is NaN.
-            inner.masked_fill_(~valid[b, t, None], 0.0)
+        # An ignored row contributes nothing, even where its logits are NaN (padding) or it has
+        # no finite target (CE-U, one finite logit): its gradient is 0, not NaN * 0.
+        inner.masked_fill_(~valid[b, t, None], 0.0)
         torch.mul(inner, scale[b, t, None], out=grad[b, t])

@@ -63,9 +63,10 @@ class VocabParallelLogprobs(torch.autograd.Function):
         groups = row_groups(valid, local_vocab)
         for b, t in row_chunks(groups, local_vocab):
             x = logits[b, t].to(acc)
-            local_lse[b, t] = torch.logsumexp(x, -1)
-            picked = x.gather(-1, local_targets[b, t, None]).squeeze(-1)
-            label_logit[b, t] = torch.where(in_shard[b, t], picked, 0.0)
+            local_lse[b, t] = torch.logsumexp(x, -1)  # -inf on a rank that holds no column
+            if local_vocab:  # fewer columns than ranks: a rank may hold none, hence no label
+                picked = x.gather(-1, local_targets[b, t, None]).squeeze(-1)
+                label_logit[b, t] = torch.where(in_shard[b, t], picked, 0.0)
         lse, label_logit = _global_lse(local_lse[None], vocab.group, label_logit)
         lse = lse[0]
         out = torch.where(valid, floored_logprob(label_logit - lse, lse), 0.0)
@@ -82,8 +83,9 @@ class VocabParallelLogprobs(torch.autograd.Function):
         zero_outside(grad, ctx.groups)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
         # d log p_y / d z_j = 1[j = y] - p_j, the label column living on one rank only.
-        for b, t in row_chunks(ctx.groups, logits.shape[-1]):
+        for b, t in row_chunks(ctx.groups, logits.shape[-1]) if logits.shape[-1] else ():
             chunk = torch.sub(logits[b, t].to(acc), lse[b, t, None]).exp_()
+            chunk.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
             row = (b, t, None)
             label_gradient_(
                 chunk, logprobs[row], local_targets[row], scale[row], chunk, in_shard[row]
@@ -138,5 +140,6 @@ class VocabParallelTokenKL(torch.autograd.Function):
             mode = "kl_forward" if ctx.forward_kl else "kl_reverse"
             weights, scores = pair_scores(logp, logq, mode, 0.0)
             inner = pair_gradient(logp, weights, scores, kl[b, t], mode)
+            inner.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
