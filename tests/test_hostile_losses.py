@@ -192,3 +192,67 @@ def test_groups_and_flags_of_the_wrong_type_are_named():
         ul.ga_loss(logits, labels, shift=1)
     with pytest.raises(TypeError, match=r"validate must be True or False; got str"):
         ul.ga_loss(logits, labels, validate="yes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_at_an_ignored_row_give_a_zero_gradient_on_every_backend(backend):
+    """Padding rows may hold NaN logits: an ignored row contributes nothing, to the value or the
+    gradient, on both backends (a coefficient of 0 times a NaN softmax is still NaN)."""
+    logits, ref_logits, labels = _inputs()
+    labels[1, 5] = -100  # row 4 of the second sequence: inside the visited span, ignored
+    clean = logits.clone()
+    logits[1, 4] = ref_logits[1, 4] = float("nan")
+    clean_ref = ref_logits.nan_to_num()
+    ref_logprobs = ul.token_logprobs(clean_ref, labels)
+    expected = _losses(labels, clean_ref, ref_logprobs, backend)
+    for name, fn in _losses(labels, ref_logits, ref_logprobs, backend).items():
+        if name == "kl_all_positions":  # every row counts there: NaN in, NaN out
+            continue
+        x, y = logits.clone().requires_grad_(), clean.clone().requires_grad_()
+        got, want = fn(x), expected[name](y)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+        assert not x.grad[1, 4].isnan().any(), name
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _autocast_losses(labels, ref_logits, ref_logprobs, backend):
+    """``_losses`` and the losses of hidden states, as functions of float32 logits."""
+    hidden = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(2))
+    head = torch.randn(ref_logits.shape[-1], 8, generator=torch.Generator().manual_seed(3))
+    return {
+        **_losses(labels, ref_logits, ref_logprobs, backend),
+        "logit_margin": lambda x: ul.logit_margin_loss(x, labels),
+        "linear_ga": lambda x: ul.linear_ga_loss(hidden + x[..., :8], head, labels),
+        "linear_npo": lambda x: ul.linear_npo_loss(
+            hidden + x[..., :8], head, labels, ref_hidden=hidden
+        ),
+        "linear_kl": lambda x: ul.linear_kl_divergence(
+            hidden + x[..., :8], head, hidden, labels=labels
+        ),
+        "linear_kl_none": lambda x: ul.linear_kl_divergence(
+            hidden + x[..., :8], head, hidden, labels=labels, reduction="none"
+        ),
+        "rmu": lambda x: ul.rmu_loss(x[..., :8], x[..., 8:16], hidden, head[0]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_leaves_the_float32_reductions_in_float32(backend):
+    """A Trainer with ``bf16=True`` calls ``compute_loss`` under ``torch.autocast``: float32
+    logits must give the same value and gradient as outside it (autocast would run the KL's row
+    sums and the fused-linear matmuls in bfloat16, 1e-4 to 1e-3 off)."""
+    logits, ref_logits, labels = _inputs()
+    ref_logprobs = ul.token_logprobs(ref_logits, labels)
+    outside = _autocast_losses(labels, ref_logits, ref_logprobs, backend)
+    for name, fn in _autocast_losses(labels, ref_logits, ref_logprobs, backend).items():
+        x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fn(x)
+            got.sum().backward()
+        want = outside[name](y)
+        want.sum().backward()
+        assert got.dtype == want.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7, msg=name)
+        torch.testing.assert_close(x.grad, y.grad, rtol=2e-7, atol=1e-7, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -401,3 +402,49 @@ def test_a_trained_heads_log_probs_never_read_ignored_hidden_states(monkeypatch,
     )
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trained head", "frozen head"])
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"kl_all"}))
+def test_nan_hidden_states_at_an_ignored_row_reach_nothing(name, frozen_head):
+    """Padding's hidden states may be NaN: at an ignored row inside a sequence (where the row
+    chunks visit it) they reach neither the value nor any gradient, on the model's side and the
+    reference's, which equal the logits version on clean inputs."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
+    ref_hidden = h + 0.1 * torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    bias = torch.randn(13, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, 7), generator=g)
+    labels[0, 4] = -100  # row 3 of the first sequence scores nothing
+    dirty, dirty_ref = h.clone(), ref_hidden.clone()
+    dirty[0, 3] = dirty_ref[0, 3] = float("nan")
+    upstream = torch.tensor(0.7, dtype=torch.float64)
+    if name in ("token_logprobs", "nll_none", "npo_token", "simnpo"):
+        upstream = torch.rand(2, 6 if name != "simnpo" else 1, generator=g, dtype=torch.float64)
+        upstream = upstream if name != "simnpo" else upstream.squeeze(-1)
+    fused = _pair(name, dirty_ref, labels, chunk_rows=None)[0]
+    logits_version = _pair(name, ref_hidden, labels, chunk_rows=None)[1]
+    ours = _run(fused, dirty, weight, bias, upstream, False, frozen_head)
+    expected = _run(logits_version, h, weight, bias, upstream, True, frozen_head)
+    for got, want in zip(ours, expected, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_reference_sharing_the_head_shares_its_bias():
+    """``ref_weight`` omitted: the reference is the model's head, bias included."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    bias = 3 * torch.randn(11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    assert ul.linear_kl_divergence(h, weight, h, labels=labels, bias=bias) == 0
+    npo = ul.linear_npo_loss(h, weight, labels, bias=bias, ref_hidden=h)
+    torch.testing.assert_close(npo, torch.tensor(2 / 0.1 * math.log(2), dtype=torch.float64))
+    # An explicit ref_bias still wins: None is not "no bias" there, so pass zeros for that.
+    other = ul.linear_kl_divergence(h, weight, h, labels=labels, bias=bias, ref_bias=0 * bias)
+    expected = ul.kl_divergence(F.linear(h, weight, bias), h @ weight.T, labels)
+    torch.testing.assert_close(other, expected, rtol=1e-12, atol=0)

@@ -273,7 +273,8 @@ def linear_npo_loss(
         ref_logprobs: the reference's per-token log-probs (one of the two references).
         ref_hidden: the reference model's hidden states, shaped like ``hidden`` (the other).
         ref_weight: the reference's head (default: ``weight``).
-        ref_bias: the reference's optional bias.
+        ref_bias: the reference's optional bias (default: ``bias`` when ``ref_weight`` is
+            omitted: a shared head shares its bias).
         beta: inverse temperature, > 0.
         granularity: where the log-ratio is taken, as in :func:`~unlearning_losses.npo_loss`.
         ignore_index: {ignore_index}
@@ -310,7 +311,9 @@ def linear_npo_loss(
             + ("both" if ref_logprobs is not None else "neither")
         )
     if ref_hidden is not None:
-        ref_tokens, ref_w, ref_b = _reference(weight, ref_hidden, ref_weight, ref_bias, tokens)
+        ref_tokens, ref_w, ref_b = _reference(
+            weight, bias, ref_hidden, ref_weight, ref_bias, tokens
+        )
         with torch.no_grad():
             ref = LinearLogprobs.apply(
                 ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, False
@@ -413,7 +416,8 @@ def linear_kl_divergence(
         labels: selects positions as in :func:`~unlearning_losses.ga_loss` (with the shift);
             ``None`` counts every position.
         bias: {bias}
-        ref_bias: the reference's optional bias.
+        ref_bias: the reference's optional bias (default: ``bias`` when ``ref_weight`` is
+            omitted: a shared head shares its bias).
         direction: ``"forward"`` (KL(P_theta || P_ref)) or ``"reverse"``.
         ignore_index: {ignore_index}
         shift: {shift}
@@ -444,7 +448,7 @@ def linear_kl_divergence(
         tokens, weight, bias = _align(
             hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
         )
-    ref_tokens, ref_w, ref_b = _reference(weight, ref_hidden, ref_weight, ref_bias, tokens)
+    ref_tokens, ref_w, ref_b = _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens)
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
@@ -511,10 +515,15 @@ def linear_kl_loss(
     return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
 
 
-def _reference(weight, ref_hidden, ref_weight, ref_bias, tokens):
-    """The reference side, validated, detached and laid out like ``tokens.hidden``."""
+def _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens):
+    """The reference side, validated, detached and laid out like ``tokens.hidden``.
+
+    A reference that shares the model's head (``ref_weight`` omitted) shares its bias too, unless
+    ``ref_bias`` says otherwise."""
     ref_hidden = tokens.like_logits(ref_hidden, "ref_hidden")
-    ref_weight = weight if ref_weight is None else ref_weight
+    if ref_weight is None:
+        ref_weight = weight
+        ref_bias = bias if ref_bias is None else ref_bias
     ref_weight, ref_bias = _head(ref_weight, ref_bias, ref_hidden, ("ref_weight", "ref_bias"))
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(

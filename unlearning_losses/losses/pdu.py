@@ -52,7 +52,15 @@ def logit_margin_loss(
         >>> logit_margin_loss(torch.zeros(1, 3, 5), labels)
         tensor(0.)
     """
-    tokens = _tokens.align(logits, labels, ignore_index=ignore_index, shift=shift, backend="torch")
+    # The margin's max and mean run over the whole row: a vocabulary shard is refused by name.
+    tokens = _tokens.align(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend="torch",
+        vocab_parallel=False,
+    )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     length = tokens.valid.shape[1]

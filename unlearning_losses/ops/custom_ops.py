@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import chunked
+from .autocast import autocast_off
 
 
 def _kernels(backend: str, primitive: str) -> Any:
@@ -74,7 +75,8 @@ def _logprobs_forward(
     logits: Tensor, targets: Tensor, valid: Tensor, backend: str, inplace_backward: bool
 ) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) of rows ``[:, :L]`` and their log-sum-exp."""
-    return _kernels(backend, "logprobs").logprobs_forward(logits, targets, valid)
+    with autocast_off(logits):
+        return _kernels(backend, "logprobs").logprobs_forward(logits, targets, valid)
 
 
 def _logprobs_backward(
@@ -87,9 +89,10 @@ def _logprobs_backward(
     grad: Tensor,
     backend: str,
 ) -> None:
-    _kernels(backend, "logprobs").logprobs_backward(
-        grad_out, logits, targets, valid, lse, logprobs, grad
-    )
+    with autocast_off(logits):
+        _kernels(backend, "logprobs").logprobs_backward(
+            grad_out, logits, targets, valid, lse, logprobs, grad
+        )
 
 
 def _logprobs_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -155,11 +158,12 @@ def _pair_forward(
     backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels(backend, "pair").pair_forward(
-            logits, ref_logits, targets, valid, quantity, param
-        )
-    out = chunked.pair_forward(logits, ref_logits, targets, valid, quantity, param)
+    with autocast_off(logits):
+        if backend == "triton":
+            return _kernels(backend, "pair").pair_forward(
+                logits, ref_logits, targets, valid, quantity, param
+            )
+        out = chunked.pair_forward(logits, ref_logits, targets, valid, quantity, param)
     return out, out.new_empty(0), out.new_empty(0)
 
 
@@ -177,14 +181,25 @@ def _pair_backward(
     grad: Tensor,
     backend: str,
 ) -> None:
-    if backend == "triton":
-        _kernels(backend, "pair").pair_backward(
-            grad_out, logits, ref_logits, targets, valid, lse, ref_lse, out, quantity, param, grad
-        )
-    else:
-        chunked.pair_backward(
-            grad_out, logits, ref_logits, targets, valid, out, quantity, param, grad
-        )
+    with autocast_off(logits):
+        if backend == "triton":
+            _kernels(backend, "pair").pair_backward(
+                grad_out,
+                logits,
+                ref_logits,
+                targets,
+                valid,
+                lse,
+                ref_lse,
+                out,
+                quantity,
+                param,
+                grad,
+            )
+        else:
+            chunked.pair_backward(
+                grad_out, logits, ref_logits, targets, valid, out, quantity, param, grad
+            )
 
 
 def _pair_setup(ctx: Any, inputs: tuple, output: tuple) -> None:

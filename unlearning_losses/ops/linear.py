@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .chunked import (
     CHUNK_BYTES,
     Scratch,
@@ -88,15 +89,16 @@ class _Gradients:
             else None
         )
 
-    def add(self, b: slice, t: slice, hidden: Tensor, weight: Tensor, grad_logits: Tensor) -> None:
-        """Accumulate one chunk: ``grad_logits`` is ``(nb, nt, V)`` in the accumulation dtype."""
+    def add(self, b: slice, t: slice, rows: Tensor, weight: Tensor, grad_logits: Tensor) -> None:
+        """Accumulate one chunk: ``rows`` are its hidden states as the logits were formed from
+        them (:func:`_scored_rows`), ``grad_logits`` is ``(nb, nt, V)`` in the accumulation
+        dtype."""
         flat = grad_logits.reshape(-1, grad_logits.shape[-1])
         if self.hidden is not None:
             # As the materialised path does: the logits' gradient in the head's dtype, then matmul.
             self.hidden[b, t] = (flat.to(weight.dtype) @ weight).view(self.hidden[b, t].shape)
         if self.weight is not None:
-            rows = hidden[b, t].reshape(-1, hidden.shape[-1]).to(self.weight.dtype)
-            self.weight.addmm_(flat.T, rows)
+            self.weight.addmm_(flat.T, rows.reshape(-1, rows.shape[-1]).to(self.weight.dtype))
         if self.bias is not None:
             self.bias.add_(flat.sum(0))
 
@@ -106,6 +108,12 @@ class _Gradients:
             None if self.weight is None else self.weight.to(weight.dtype),
             None if self.bias is None or bias is None else self.bias.to(bias.dtype),
         )
+
+
+def _scored_rows(hidden: Tensor, valid: Tensor, b: slice, t: slice) -> Tensor:
+    """The chunk ``hidden[b, t]`` with the rows that score nothing zeroed: padding's hidden states
+    may be NaN, and a coefficient of 0 times a NaN logit is still NaN (see :func:`_token_rows`)."""
+    return torch.where(valid[b, t, None], hidden[b, t], 0.0)
 
 
 def _frozen_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_enabled: bool) -> bool:
@@ -125,6 +133,7 @@ class LinearLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any,
         hidden: Tensor,
@@ -150,6 +159,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         hidden, weight, bias, safe_targets, valid, logprobs, lse, directions = ctx.saved_tensors
         acc = logprobs.dtype
@@ -176,7 +186,7 @@ def _frozen_head_forward(
     directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=hidden.device)
     scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
     for b, t in row_chunks(row_groups(valid, vocab, budget), vocab, budget):
-        z = _logits(hidden[b, t], weight, bias, acc)
+        z = _logits(_scored_rows(hidden, valid, b, t), weight, bias, acc)
         picked = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
         targets_flat = targets[b, t].reshape(-1, 1)
         for block, rows in _cache_blocks(z):
@@ -308,6 +318,7 @@ class LinearTokenKL(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any,
         hidden: Tensor,
@@ -326,8 +337,9 @@ class LinearTokenKL(torch.autograd.Function):
         out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
         groups = row_groups(valid, vocab, budget)
         for b, t in row_chunks(groups, vocab, budget):
-            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
-            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
+            logp = _logits(_scored_rows(hidden, valid, b, t), weight, bias, acc).log_softmax(-1)
+            ref_rows = _scored_rows(ref_hidden, valid, b, t)
+            logq = _logits(ref_rows, ref_weight, ref_bias, acc).log_softmax(-1)
             value = pair_value(*pair_scores(logp, logq, _kl_mode(forward_kl), 0.0))
             out[b, t] = torch.where(valid[b, t], value, 0.0)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, out)
@@ -336,6 +348,7 @@ class LinearTokenKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl = ctx.saved_tensors
         acc = kl.dtype
@@ -344,12 +357,14 @@ class LinearTokenKL(torch.autograd.Function):
             zero_outside(grads.hidden, ctx.groups)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
         for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
-            logp = _logits(hidden[b, t], weight, bias, acc).log_softmax(-1)
-            logq = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc).log_softmax(-1)
+            scored = _scored_rows(hidden, valid, b, t)
+            logp = _logits(scored, weight, bias, acc).log_softmax(-1)
+            ref_rows = _scored_rows(ref_hidden, valid, b, t)
+            logq = _logits(ref_rows, ref_weight, ref_bias, acc).log_softmax(-1)
             mode = _kl_mode(ctx.forward_kl)
             weights, scores = pair_scores(logp, logq, mode, 0.0)
             grad_logits = pair_gradient(logp, weights, scores, kl[b, t], mode)
-            grads.add(b, t, hidden, weight, grad_logits.mul_(scale[b, t, None]))
+            grads.add(b, t, scored, weight, grad_logits.mul_(scale[b, t, None]))
         return (*grads.result(weight, bias), None, None, None, None, None, None)
 
 
@@ -377,6 +392,7 @@ class LinearTokenSum(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any,
         hidden: Tensor,
@@ -398,7 +414,8 @@ class LinearTokenSum(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
         for b, t in row_chunks(groups, vocab, budget):
-            z = _logits(hidden[b, t], weight, bias, acc)
+            scored = _scored_rows(hidden, valid, b, t)
+            z = _logits(scored, weight, bias, acc)
             chunk_targets = safe_targets[b, t].reshape(-1, 1)
             chunk_coefficient = coefficient[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
@@ -409,13 +426,14 @@ class LinearTokenSum(torch.autograd.Function):
                 if grads is not None:
                     label_gradient_(torch.exp(logp, out=block), label_logp, index, c, block)
             if grads is not None:
-                grads.add(b, t, hidden, weight, z)
+                grads.add(b, t, scored, weight, z)
             del z  # before the next chunk's logits exist
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None)
 
@@ -425,6 +443,7 @@ class LinearKLSum(torch.autograd.Function):
     in :class:`LinearTokenSum`. Only the model side is differentiated."""
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any,
         hidden: Tensor,
@@ -447,8 +466,9 @@ class LinearKLSum(torch.autograd.Function):
         coefficient = torch.where(valid, scale.to(acc), 0.0)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for b, t in row_chunks(groups, vocab, budget):
-            z = _logits(hidden[b, t], weight, bias, acc)
-            ref_z = _logits(ref_hidden[b, t], ref_weight, ref_bias, acc)
+            scored = _scored_rows(hidden, valid, b, t)
+            z = _logits(scored, weight, bias, acc)
+            ref_z = _logits(_scored_rows(ref_hidden, valid, b, t), ref_weight, ref_bias, acc)
             chunk_coefficient = coefficient[b, t].reshape(-1, 1)
             for (block, rows), (ref_block, _) in zip(
                 _cache_blocks(z), _cache_blocks(ref_z), strict=True
@@ -462,13 +482,14 @@ class LinearKLSum(torch.autograd.Function):
                 if grads is not None:
                     torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
-                grads.add(b, t, hidden, weight, z)
+                grads.add(b, t, scored, weight, z)
             del z, ref_z
         ctx.grads = None if grads is None else grads.result(weight, bias)
         return total
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None)
 

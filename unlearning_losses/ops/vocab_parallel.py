@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..sharding import VocabShard
+from .autocast import without_autocast
 from .chunked import (
     accumulation_dtype,
     floored_logprob,
@@ -50,6 +51,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
     """log p(target) per row of ``logits[:, :L]``, the vocabulary sharded over ``group``."""
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any, logits: Tensor, targets: Tensor, valid: Tensor, vocab: VocabShard
     ) -> Tensor:
@@ -76,6 +78,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         logits, local_targets, in_shard, valid, lse, logprobs = ctx.saved_tensors
         acc = lse.dtype
@@ -98,6 +101,7 @@ class VocabParallelTokenKL(torch.autograd.Function):
     """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, vocabulary sharded."""
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: Any,
         logits: Tensor,
@@ -128,6 +132,7 @@ class VocabParallelTokenKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
         acc = kl.dtype
