@@ -4,6 +4,7 @@ caught, the reference math stands apart from the package, and the package never 
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given, settings
+from torch import Tensor
 
 import unlearning_losses as ul
 from unlearning_losses.testing import (
@@ -137,3 +139,94 @@ def test_importing_the_package_does_not_import_hypothesis():
     code = "import sys, unlearning_losses; print('hypothesis' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _ga_reference(logits: Tensor, labels: Tensor) -> Tensor:
+    return reference.ga_loss(logits, labels, shift=False)
+
+
+def _never_called(logits: Tensor, labels: Tensor) -> Tensor:
+    raise AssertionError("check_loss ran an example before refusing its options")
+
+
+@pytest.mark.parametrize("returned", [0.5, None])
+@pytest.mark.parametrize("culprit", ["fn", "ref_fn"])
+def test_a_callable_that_returns_no_tensor_is_named(culprit: str, returned: object) -> None:
+    def no_tensor(logits: Tensor, labels: Tensor) -> object:
+        return returned
+
+    callables = {"fn": ul.ga_loss, "ref_fn": _ga_reference} | {culprit: no_tensor}
+    kind = type(returned).__name__
+    with pytest.raises(TypeError, match=rf"^{culprit} \(.*\) returned {kind}; expected a torch"):
+        check_loss(**callables, max_examples=5)
+
+
+def test_a_constant_zero_on_an_all_ignored_batch_is_accepted() -> None:
+    def ga_or_constant(logits: Tensor, labels: Tensor) -> Tensor:
+        if (labels == -100).all():  # no token: a constant 0, with no autograd graph
+            return torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+        return ul.ga_loss(logits, labels)
+
+    check_loss(ga_or_constant, _ga_reference)
+
+
+def test_a_loss_without_a_gradient_still_fails_the_reference() -> None:
+    def detached(logits: Tensor, labels: Tensor) -> Tensor:
+        return ul.ga_loss(logits, labels).detach()
+
+    with pytest.raises(AssertionError, match=r"property 'reference': gradient of the logits"):
+        check_loss(detached, _ga_reference)
+
+
+BAD_OPTIONS: list[tuple[dict[str, object], type[Exception], str]] = [
+    ({"fn": None}, TypeError, r"^fn \(the loss under test\) must be callable; got None"),
+    ({"ref_fn": 1.0}, TypeError, r"^ref_fn \(the reference\) must be callable; got 1\.0"),
+    ({"properties": "reference"}, TypeError, r"^properties must be .*; got 'reference'"),
+    ({"properties": ()}, ValueError, r"^properties must be a non-empty sequence"),
+    ({"properties": ["refernce"]}, ValueError, r"^properties must be .*'empty'.*; got 'refernce'"),
+    ({"sensitivity": "high"}, TypeError, r"^sensitivity must be a finite number >= 0; got 'high'"),
+    ({"sensitivity": -1.0}, ValueError, r"^sensitivity must be .*; got -1\.0"),
+    ({"sensitivity": float("nan")}, ValueError, r"^sensitivity must be .*; got nan"),
+    ({"max_examples": 0}, ValueError, r"^max_examples must be an int >= 1 or None; got 0"),
+    ({"max_examples": 10.0}, TypeError, r"^max_examples must be an int >= 1 or None; got 10\.0"),
+    ({"dtypes": ["float32"]}, TypeError, r"^dtypes must be torch\.dtype values among \(torch\."),
+    ({"dtypes": torch.float32}, TypeError, r"^dtypes must be a non-empty sequence of torch\.dtype"),
+    ({"dtypes": [torch.int64]}, ValueError, r"^dtypes must be .*; got torch\.int64"),
+    ({"dtypes": []}, ValueError, r"^dtypes must be a non-empty sequence .*; got \[\]"),
+    ({"references": ["nearby"]}, ValueError, r"^references must be .*'underflow'.*; got 'nearby'"),
+    ({"references": "near"}, TypeError, r"^references must be a non-empty sequence .*; got 'near'"),
+    ({"min_vocab": 0}, ValueError, r"^min_vocab must be an int >= 1; got 0"),
+    ({"min_vocab": 2.5}, TypeError, r"^min_vocab must be an int >= 1; got 2\.5"),
+    ({"max_vocab": 0}, ValueError, r"^max_vocab must be an int >= 1; got 0"),
+    ({"max_batch": True}, TypeError, r"^max_batch must be an int >= 1; got True"),
+    ({"max_length": -2}, ValueError, r"^max_length must be an int >= 1; got -2"),
+    ({"batch": 0}, ValueError, r"^batch must be an int >= 1 or None; got 0"),
+    ({"three_d": "yes"}, TypeError, r"^three_d must be True, False or None; got 'yes'"),
+    ({"shift": True}, ValueError, r"^shift=True needs three_d=True .*; got three_d=False"),
+    ({"scales": (1.0, float("inf"))}, ValueError, r"^scales must be finite numbers >= 0; got inf"),
+    ({"scales": 1.0}, TypeError, r"^scales must be a non-empty sequence .*; got 1\.0"),
+    ({"masked_vocab": 1}, TypeError, r"^masked_vocab must be True, False or None; got 1"),
+    ({"empty": None}, TypeError, r"^empty must be True or False; got None"),
+    ({"device": 0}, TypeError, r"^device must be a str or a torch\.device; got 0"),
+    ({"device": "gpu0"}, ValueError, r"^device must name a device usable here; got 'gpu0'"),
+    ({"dtype": torch.float32}, ValueError, r"^unknown option\(s\) \['dtype'\]; .* dtypes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    BAD_OPTIONS,
+    ids=[", ".join(f"{k}={v!r}" for k, v in options.items()) for options, _, _ in BAD_OPTIONS],
+)
+def test_a_bad_option_is_refused_by_name_before_any_example(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    arguments = {"fn": _never_called, "ref_fn": _never_called, **options}
+    with pytest.raises(error, match=message):
+        check_loss(**arguments)
+
+
+@pytest.mark.parametrize("name", list(inspect.signature(batches).parameters))
+def test_every_option_of_batches_is_checked(name: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{name} must be"):
+        check_loss(_never_called, _never_called, **{name: object()})

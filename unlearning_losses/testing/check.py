@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from torch import Tensor
 
 from .compare import VALUE_ATOL, VALUE_RTOL, assert_close_to_reference, value_and_grad
-from .strategies import Case, batches
+from .strategies import Case, batches, check_batches_options, check_int, check_members, check_number
 
 TokenLoss = Callable[[Tensor, Tensor], Tensor]
 DEFAULT_PROPERTIES = ("reference", "empty", "masking")
@@ -42,12 +42,17 @@ def check_loss(
     Raises:
         AssertionError: from the first failing example, after Hypothesis has shrunk it; the
             message names the property, the worst element and the tolerance.
-        ValueError: an unknown property.
+        TypeError: before any example, an option of the wrong type (naming it); from an
+            example, ``fn`` or ``ref_fn`` returning anything but a tensor (naming which).
+        ValueError: before any example, an option out of its range or an unknown one.
     """
-    unknown = sorted(set(properties) - set(CHECKS))
-    if unknown:
-        raise ValueError(f"properties must be among {sorted(CHECKS)}; got {unknown}")
+    fn = _returning_a_tensor(fn, "fn", "the loss under test")
+    ref_fn = _returning_a_tensor(ref_fn, "ref_fn", "the reference")
+    check_members("properties", properties, choices=tuple(CHECKS), kind=str, what="property names")
+    check_number("sensitivity", sensitivity, least=0.0)
+    check_int("max_examples", max_examples, least=1, optional=True)
     options = {"three_d": False, **strategy_options}
+    check_batches_options(options)
     if options["three_d"]:
         options.setdefault("shift", True)
 
@@ -64,6 +69,25 @@ def check_loss(
     if max_examples is not None:
         overrides["max_examples"] = max_examples
     settings(**overrides)(run)()
+
+
+def _returning_a_tensor(loss: object, argument: str, role: str) -> TokenLoss:
+    """``loss``, refusing by name a value that is not a tensor: a float otherwise fails later
+    as "'float' object has no attribute 'sum'", whichever of ``fn`` and ``ref_fn`` returned it."""
+    if not callable(loss):
+        raise TypeError(f"{argument} ({role}) must be callable; got {loss!r}")
+    name = getattr(loss, "__qualname__", repr(loss))
+
+    def checked(logits: Tensor, labels: Tensor) -> Tensor:
+        value = loss(logits, labels)
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{argument} ({role}, {name}) returned {type(value).__name__}; "
+                "expected a torch.Tensor"
+            )
+        return value
+
+    return checked
 
 
 def _reference(fn: TokenLoss, ref_fn: TokenLoss, case: Case, sensitivity: float) -> None:

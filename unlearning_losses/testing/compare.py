@@ -28,7 +28,10 @@ def value_and_grad(fn: Loss, logits: Tensor, upstream: float) -> tuple[Tensor, T
     """``fn(logits)`` and the gradient of ``upstream * fn(logits).sum()`` w.r.t. the logits."""
     x = logits.detach().clone().requires_grad_(True)
     value = fn(x)
-    (value.sum() * upstream).backward()
+    # A value that does not require grad (a constant 0 for a batch whose labels are all
+    # ignored) has a zero gradient, which autograd would refuse to compute.
+    if value.requires_grad:
+        (value.sum() * upstream).backward()
     grad = x.grad if x.grad is not None else torch.zeros_like(x)
     return value.detach(), grad
 

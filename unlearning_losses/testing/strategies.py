@@ -6,13 +6,17 @@ generator: fast to draw, and still reproducible from the seed that Hypothesis sh
 - :func:`batches`: logits, labels (``-100`` at ignored positions, possibly every one) and a
   reference's logits that is near the model, far from it, or with underflowing tails;
 - :func:`linear_batches`: hidden states and an output head instead of logits;
-- :func:`state_dict_pairs`: a base and a fine-tuned state dict for task vectors.
+- :func:`state_dict_pairs`: a base and a fine-tuned state dict for task vectors;
+- :func:`check_batches_options`: the options of :func:`batches`, refused by name when wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from numbers import Real
 
 import torch
 from hypothesis import strategies as st
@@ -127,6 +131,111 @@ def batches(
         shift,
         upstream,
     )
+
+
+def check_batches_options(options: Mapping[str, object]) -> None:
+    """Refuse by name an unknown or out-of-range option of :func:`batches`, before anything is
+    drawn: a wrong one otherwise fails deep inside torch or Hypothesis, naming no option.
+
+    Raises:
+        TypeError: an option of the wrong type.
+        ValueError: an option out of its range, or an unknown one.
+    """
+    unknown = sorted(set(options) - set(_OPTION_CHECKS))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}; the options of batches are {', '.join(_OPTION_CHECKS)}"
+        )
+    for name, value in options.items():
+        _OPTION_CHECKS[name](name, value)
+    three_d = options.get("three_d")
+    if options.get("shift") and three_d is not True:
+        raise ValueError(
+            "shift=True needs three_d=True (the causal-LM shift of (B, T, V) logits); "
+            f"got three_d={three_d!r}"
+        )
+
+
+def check_int(name: str, value: object, *, least: int, optional: bool = False) -> None:
+    """``value`` is an int ``>= least`` (or None, when ``optional``); a bool is no int here."""
+    if optional and value is None:
+        return
+    expected = f"an int >= {least}" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {expected}; got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+
+
+def check_number(name: str, value: object, *, least: float, what: str = "a finite number") -> None:
+    """``value`` is a finite real number ``>= least`` (a bool is no number here)."""
+    expected = f"{what} >= {least:g}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {expected}; got {value!r}")
+    if not math.isfinite(value) or value < least:
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+
+
+def check_members(
+    name: str, value: object, *, choices: Sequence[object], kind: type, what: str
+) -> None:
+    """``value`` is a non-empty sequence of ``kind`` values, each among ``choices``."""
+    expected = f"{what} among {tuple(choices)}"
+    for item in _non_empty_sequence(name, value, expected):
+        if not isinstance(item, kind):
+            raise TypeError(f"{name} must be {expected}; got {item!r}")
+        if item not in choices:
+            raise ValueError(f"{name} must be {expected}; got {item!r}")
+
+
+def _non_empty_sequence(name: str, value: object, what: str) -> Sequence[object]:
+    # A string is a sequence, of characters: "near" would draw "n", "e", ...
+    expected = f"a non-empty sequence of {what}"
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be {expected}; got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return value
+
+
+def _check_flag(name: str, value: object, *, optional: bool) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        expected = "True, False or None" if optional else "True or False"
+        raise TypeError(f"{name} must be {expected}; got {value!r}")
+
+
+def _check_scales(name: str, value: object) -> None:
+    for scale in _non_empty_sequence(name, value, "finite numbers >= 0"):
+        check_number(name, scale, least=0.0, what="finite numbers")
+
+
+def _check_device(name: str, value: object) -> None:
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or a torch.device; got {value!r}")
+    # torch raises AssertionError for a backend it was built without ("cuda" on a CPU build).
+    try:
+        torch.empty(0, device=value)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(
+            f"{name} must name a device usable here; got {value!r} ({error})"
+        ) from None
+
+
+_OPTION_CHECKS: dict[str, Callable[[str, object], None]] = {
+    "min_vocab": partial(check_int, least=1),
+    "max_vocab": partial(check_int, least=1),  # below min_vocab, min_vocab wins
+    "max_batch": partial(check_int, least=1),
+    "max_length": partial(check_int, least=1),
+    "three_d": partial(_check_flag, optional=True),
+    "dtypes": partial(check_members, choices=DTYPES, kind=torch.dtype, what="torch.dtype values"),
+    "batch": partial(check_int, least=1, optional=True),
+    "shift": partial(_check_flag, optional=True),
+    "scales": _check_scales,
+    "masked_vocab": partial(_check_flag, optional=True),
+    "empty": partial(_check_flag, optional=False),
+    "references": partial(check_members, choices=REFERENCES, kind=str, what="strings"),
+    "device": _check_device,
+}
 
 
 @dataclass
