@@ -61,6 +61,8 @@ def _losses(shift: bool):
         "dpo": lambda x, r, y, lp: ul.dpo_loss(
             x, y, 0.5 * x, y, ref_chosen_logits=r, ref_rejected_logprobs=lp, **kw
         ),
+        "idk": lambda x, r, y, lp: ul.idk_loss(x, y, **kw),
+        "satimp": lambda x, r, y, lp: ul.satimp_loss(x, y, **kw),
         "wga": lambda x, r, y, lp: ul.wga_loss(x, y, **kw),
         "tnpo": lambda x, r, y, lp: ul.tnpo_loss(x, y, ref_logprobs=lp, **kw),
     }
@@ -210,6 +212,27 @@ def _check_refusals(rank: int) -> None:
             lambda: ul.undial_loss(by_vocab, ref_logits, labels),
             r"logits is sharded on its last dimension",
         ),
+        (lambda: ul.ceu_loss(by_vocab, labels), r"logits is sharded on its last dimension"),
+        (
+            lambda: ul.logit_margin_loss(by_vocab, labels),
+            r"logits is sharded on its last dimension",
+        ),
+        (
+            lambda: ul.rmu_loss(
+                by_vocab,
+                by_vocab,
+                by_vocab,
+                torch.ones(V, dtype=torch.float64),
+                forget_labels=labels,
+            ),
+            r"forget_labels must be DTensors on one mesh with the other activations",
+        ),
+        (
+            lambda: ul.rmu_loss(
+                logits, logits, logits, distribute_tensor(logits[0, 0], line, [Replicate()])
+            ),
+            r"control_vector is a DTensor but the activations are plain tensors",
+        ),
         (
             lambda: ul.kl_divergence(logits, distribute_tensor(ref_logits, line, [Shard(2)])),
             r"ref_logits is a DTensor but the logits are a plain tensor",
@@ -243,9 +266,43 @@ def _check_refusals(rank: int) -> None:
             call()
 
 
+def _check_rmu(rank: int) -> None:
+    """RMU's activations ``(B, T, H)`` under every placement (H = 11 is uneven over 4 ranks), with
+    and without labels, the control vector plain (the same on every rank) or a DTensor: the loss
+    is a plain scalar equal to one process's, the gradient a DTensor placed like the input."""
+    line = init_device_mesh("cpu", (WORLD,))
+    forget, retain, labels = _inputs()
+    ref_retain = retain + 0.1
+    control = torch.rand(V, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for with_labels in (True, False):
+        kw = {"forget_labels": labels, "retain_labels": labels} if with_labels else {}
+        full = forget.clone().requires_grad_(True)
+        expected = ul.rmu_loss(full, retain, ref_retain, control, **kw)
+        expected.backward()
+        for placements in ([Shard(0)], [Shard(1)], [Shard(2)], [Replicate()]):
+            label_placements = [Replicate() if p == Shard(2) else p for p in placements]
+            d_labels = distribute_tensor(labels, line, label_placements)
+            d_kw = {"forget_labels": d_labels, "retain_labels": d_labels} if with_labels else {}
+            for vector in (control, distribute_tensor(control, line, [Replicate()])):
+                what = f"rmu with {placements}, labels {with_labels}, {type(vector).__name__}"
+                sharded = distribute_tensor(forget, line, placements).requires_grad_(True)
+                got = ul.rmu_loss(
+                    sharded,
+                    distribute_tensor(retain, line, placements),
+                    distribute_tensor(ref_retain, line, placements),
+                    vector,
+                    **d_kw,
+                )
+                assert not isinstance(got, DTensor), what
+                _close(got.detach(), expected.detach(), what)
+                got.backward()
+                assert sharded.grad.placements == sharded.placements, what
+                _close(sharded.grad.full_tensor(), full.grad, f"{what}: gradient")
+
+
 @pytest.mark.parametrize(
     "check",
-    [_check_all_placements, _check_flat_and_linear, _check_refusals],
+    [_check_all_placements, _check_flat_and_linear, _check_refusals, _check_rmu],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_dtensor_inputs_equal_one_process(check, tmp_path):

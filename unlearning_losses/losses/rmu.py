@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,7 @@ from .. import _checks
 from .._doc import shared_arguments
 from ..ops.chunked import accumulation_dtype
 from ..reductions import sequence_sums, token_reduce
+from ..sharding import is_dtensor
 
 
 def rmu_control_vector(
@@ -60,9 +63,71 @@ def _check_activations(hidden: object, name: str, like: Tensor | None = None) ->
 def _positions(hidden: Tensor, labels: object, name: str, ignore_index: int) -> Tensor:
     """The positions that count: every one without labels, else ``labels != ignore_index``."""
     if labels is None:
+        if is_dtensor(hidden):
+            return _every_position(hidden)
         return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
     labels = _checks.check_labels(labels, hidden, name, ref_name=name.replace("labels", "hidden"))
     return labels != ignore_index
+
+
+def _every_position(hidden: Any) -> Any:
+    """A mask of every position of DTensor activations, placed as they are but for the hidden
+    dimension (replicated there)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    last = hidden.dim() - 1
+    placements = [
+        Replicate() if isinstance(p, Shard) and p.dim % hidden.dim() == last else p
+        for p in hidden.placements
+    ]
+    local = hidden.to_local()
+    shape = hidden.shape[:-1]
+    return DTensor.from_local(
+        torch.ones(local.shape[:-1], dtype=torch.bool, device=local.device),
+        hidden.device_mesh,
+        placements,
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
+
+
+def _on_the_activations_mesh(control_vector: Tensor, *others: Tensor) -> Tensor:
+    """With DTensor activations every input must be a DTensor on their mesh (labels included,
+    with the activations' placements); the control vector, the same on every rank, may be a plain
+    tensor and is then replicated. Plain activations take plain tensors only."""
+    names = (
+        "forget_hidden",
+        "retain_hidden",
+        "ref_retain_hidden",
+        "forget_labels",
+        "retain_labels",
+    )
+    meshes = {
+        name: value.device_mesh
+        for name, value in zip(names, others, strict=True)
+        if is_dtensor(value)
+    }
+    if not meshes:
+        if is_dtensor(control_vector):
+            raise ValueError(
+                "control_vector is a DTensor but the activations are plain tensors; pass "
+                "control_vector.full_tensor()"
+            )
+        return control_vector
+    plain = [name for name, value in zip(names, others, strict=True) if not is_dtensor(value)]
+    if plain or len(set(meshes.values())) > 1:
+        raise ValueError(
+            f"{', '.join(plain) or 'the inputs'} must be DTensors on one mesh with the other "
+            f"activations (got DTensors for {', '.join(meshes)}): pass every activation and "
+            "label tensor as a DTensor, or every one as this rank's plain tensor"
+        )
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = next(iter(meshes.values()))
+    if is_dtensor(control_vector):
+        return control_vector.redistribute(mesh, [Replicate()] * mesh.ndim)
+    return DTensor.from_local(control_vector, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def checked_rmu_inputs(
@@ -95,6 +160,9 @@ def checked_rmu_inputs(
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
     forget_valid = _positions(forget_hidden, forget_labels, "forget_labels", ignore_index)
     retain_valid = _positions(retain_hidden, retain_labels, "retain_labels", ignore_index)
+    control_vector = _on_the_activations_mesh(
+        control_vector, forget_hidden, retain_hidden, ref_retain_hidden, forget_valid, retain_valid
+    )
     return (
         forget_hidden,
         retain_hidden,
@@ -196,4 +264,6 @@ def rmu_loss(
     retain_count = _checks.check_num_items(num_retain_items, retain_hidden, "num_retain_items")
     forget = activation_distance(forget_hidden, control_vector, forget_valid, forget_count)
     retain = activation_distance(retain_hidden, ref_retain_hidden, retain_valid, retain_count)
-    return forget + alpha * retain
+    loss = forget + alpha * retain
+    # DTensor activations reduce through DTensor's own ops; the loss is the same on every rank.
+    return loss.full_tensor() if is_dtensor(loss) else loss
