@@ -28,10 +28,11 @@ def valid_spans(valid: Tensor) -> list[tuple[int, int]]:
     """Per batch element, the rows to visit: from the first to the last valid one.
 
     On the CPU, where reading the mask costs no device sync, leading and trailing rows without a
-    valid label (prompt, padding) are skipped; on other devices every row is visited.
+    valid label (prompt, padding) are skipped; on other devices, and while ``torch.compile``
+    traces (the spans would be data-dependent shapes), every row is visited.
     """
     batch, length = valid.shape
-    if valid.device.type != "cpu" or length == 0:
+    if valid.device.type != "cpu" or length == 0 or torch.compiler.is_compiling():
         return [(0, length)] * batch
     positions = torch.arange(length).expand(batch, length)
     first = torch.where(valid, positions, length).min(-1).values.tolist()

@@ -208,13 +208,14 @@ def _token_rows(
     """The rows of ``hidden[:, :L]`` a vocabulary-sliced pass visits, ``(N, H)``, and their
     ``(batch, time)`` index.
 
-    ``select`` (default: on the CPU, where reading the mask costs no device sync): the valid rows
+    ``select`` (default: on the CPU, where reading the mask costs no device sync, unless
+    ``torch.compile`` traces, to which their number is a data-dependent shape): the valid rows
     only. Otherwise every row, the invalid ones zeroed so that padding's hidden states (even
     NaN) reach no gradient: their coefficient is 0 and their logits are the bias.
     """
     window = hidden[:, : valid.shape[1]]
     if select is None:
-        select = valid.device.type == "cpu"
+        select = valid.device.type == "cpu" and not torch.compiler.is_compiling()
     if select:
         rows = valid.nonzero(as_tuple=True)
         return window[rows], rows
