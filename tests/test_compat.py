@@ -6,9 +6,16 @@ its model outputs (SEED.md for SOUL; SPEC §4 for open-unlearning).
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from ranks import run_on_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_tensor
+from torch.overrides import TorchFunctionMode
 
 from unlearning_losses.compat import open_unlearning, soul
 
@@ -355,3 +362,151 @@ def test_open_unlearning_rmu_divides_sums_by_counts_with_a_broadcast():
         theirs,
         forget,
     )
+
+
+# Every compat function (each a module's own ``*_loss``), for the checks of its arguments: each
+# parameter's name says what it holds.
+COMPAT_FUNCTIONS = [
+    fn
+    for module in (soul, open_unlearning)
+    for name, fn in vars(module).items()
+    if name.endswith("_loss")
+    and not name.startswith("_")
+    and inspect.isfunction(fn)
+    and fn.__module__ == module.__name__
+]
+WIDTH = 128  # vocabulary (hidden size for RMU): UNDIAL needs at least -ignore_index
+
+
+def tensor_parameters(fn) -> list[str]:
+    return [
+        name
+        for name in inspect.signature(fn).parameters
+        if name.endswith(("logits", "labels", "hidden", "vector"))
+    ]
+
+
+def valid_arguments(fn) -> dict:
+    """Arguments ``fn`` accepts, by name; the retain term against the reference where there is a
+    choice, so that ``ref_retain_logits`` is read."""
+    g = torch.Generator().manual_seed(0)
+    arguments: dict = {}
+    for name in tensor_parameters(fn):
+        if name.endswith("labels"):
+            arguments[name] = torch.randint(0, WIDTH, (2, 6), generator=g)
+        elif name == "control_vector":
+            arguments[name] = torch.randn(WIDTH, generator=g)
+        else:
+            arguments[name] = torch.randn(2, 6, WIDTH, generator=g)
+    if "retain_loss_type" in inspect.signature(fn).parameters:
+        arguments["retain_loss_type"] = "KL"
+    return arguments
+
+
+def case_id(case) -> str:
+    fn, name = case
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}-{name}"
+
+
+TENSOR_ARGUMENTS = [(fn, name) for fn in COMPAT_FUNCTIONS for name in tensor_parameters(fn)]
+REFERENCE_LOGITS = [
+    (fn, name) for fn, name in TENSOR_ARGUMENTS if name.startswith("ref_") and "logits" in name
+]
+
+
+class LogitsPasses(TorchFunctionMode):
+    """Records every torch call that makes a tensor from a floating one of width ``WIDTH``: a pass
+    over the logits (or activations). Checking an argument reads only its shape, dtype and device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = [*args, *(kwargs or {}).values()]
+        if isinstance(result, torch.Tensor) and any(
+            isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[-1:] == (WIDTH,)
+            for t in inputs
+        ):
+            self.calls.append(getattr(func, "__name__", repr(func)))
+        return result
+
+
+@pytest.mark.parametrize("fn", COMPAT_FUNCTIONS, ids=lambda fn: case_id((fn, "valid")))
+def test_compat_accepts_the_arguments_the_checks_start_from(fn):
+    assert torch.isfinite(fn(**valid_arguments(fn)))
+
+
+@pytest.mark.parametrize("case", REFERENCE_LOGITS, ids=case_id)
+def test_compat_names_its_reference_logits_of_another_vocabulary(case):
+    fn, name = case
+    arguments = valid_arguments(fn)
+    arguments[name] = arguments[name][..., :-1]
+    model = name.removeprefix("ref_")
+    message = (
+        rf"^{name} must have shape \(2, 6, {WIDTH}\) to match {model}; got \(2, 6, {WIDTH - 1}\)$"
+    )
+    with LogitsPasses() as passes, pytest.raises(ValueError, match=message):
+        fn(**arguments)
+    assert passes.calls == []
+
+
+@pytest.mark.parametrize("case", TENSOR_ARGUMENTS, ids=case_id)
+def test_compat_refuses_a_mismatched_argument_by_name_before_any_pass(case):
+    fn, name = case
+    arguments = valid_arguments(fn)
+    value = arguments[name]
+    axis = min(1, value.dim() - 1)  # one position fewer (one entry fewer for the control vector)
+    arguments[name] = value.narrow(axis, 0, value.shape[axis] - 1)
+    with LogitsPasses() as passes, pytest.raises(ValueError, match=rf"\b{name}\b"):
+        fn(**arguments)
+    assert passes.calls == []
+
+
+@pytest.mark.parametrize(
+    ("fn", "option", "message"),
+    [
+        (
+            open_unlearning.pdu_loss,
+            {"retain_loss_eps": math.nan},
+            r"^retain_loss_eps must be finite",
+        ),
+        (open_unlearning.pdu_loss, {"dual": -1.0}, r"^dual must be >= 0"),
+        (open_unlearning.wga_loss, {"beta": -1.0}, r"^beta must be >= 0"),
+        (open_unlearning.satimp_loss, {"beta2": math.inf}, r"^beta2 must be finite"),
+        (open_unlearning.grad_diff_loss, {"backend": "cuda"}, r"^backend must be one of"),
+        (open_unlearning.undial_loss, {"ignore_index": -200}, r"at least 200; got 128$"),
+        (soul.npo_loss, {"beta": 0.0}, r"^beta must be > 0"),
+        (soul.kl_loss, {"gamma": math.nan}, r"^gamma must be finite"),
+    ],
+    ids=lambda value: value.__name__ if callable(value) else None,
+)
+def test_compat_refuses_a_bad_option_by_name_before_any_pass(fn, option, message):
+    with LogitsPasses() as passes, pytest.raises(ValueError, match=message):
+        fn(**valid_arguments(fn), **option)
+    assert passes.calls == []
+
+
+def test_open_unlearning_dpo_refuses_unpaired_batches_before_any_pass():
+    arguments = valid_arguments(open_unlearning.dpo_loss)
+    for name in ("alternate_logits", "ref_alternate_logits", "alternate_labels"):
+        arguments[name] = arguments[name][:1]
+    message = r"^alternate_logits must hold as many sequences as forget_logits \(2\); got 1$"
+    with LogitsPasses() as passes, pytest.raises(ValueError, match=message):
+        open_unlearning.dpo_loss(**arguments)
+    assert passes.calls == []
+
+
+def _check_dtensors_refused(rank: int) -> None:
+    mesh = init_device_mesh("cpu", (1,))
+    for fn, name in TENSOR_ARGUMENTS:
+        arguments = valid_arguments(fn)
+        arguments[name] = distribute_tensor(arguments[name], mesh, [Replicate()])
+        message = rf"^{name} is a DTensor; .* pass {name}\.to_local\(\)"
+        with pytest.raises(ValueError, match=message):
+            fn(**arguments)
+
+
+def test_compat_refuses_dtensors_by_name(tmp_path):
+    run_on_ranks(_check_dtensors_refused, 1, tmp_path)

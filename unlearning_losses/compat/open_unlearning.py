@@ -29,6 +29,14 @@ from ..losses.weighted import wga_loss as _wga_loss
 from ..ops import Backend, label_logprobs, soft_target_cross_entropy
 from ..ops.chunked import accumulation_dtype
 from ..reductions import sequence_sums
+from .arguments import (
+    check_backend,
+    check_compared,
+    check_reference,
+    check_scored,
+    check_scored_compared,
+    refuse_dtensor,
+)
 
 RetainLossType = Literal["NLL", "KL"]
 
@@ -41,13 +49,15 @@ def retain_kl_loss(logits: Tensor, ref_logits: Tensor, *, backend: Backend = "au
     :func:`unlearning_losses.kl_divergence` with ``labels`` and ``direction="reverse"`` to count
     only answer tokens.
     """
+    check_compared(logits, ref_logits, "logits")
+    check_backend(backend)
     return kl_divergence(logits, ref_logits, direction="reverse", backend=backend)
 
 
 @dataclass(frozen=True)
 class _Retain:
     """A trainer's retain term: the Hugging Face NLL (``"NLL"``) or :func:`retain_kl_loss` against
-    a frozen reference (``"KL"``); the choice checked on construction, before any heavy work."""
+    a frozen reference (``"KL"``); every argument checked on construction, before any heavy work."""
 
     logits: Tensor
     labels: Tensor
@@ -58,8 +68,12 @@ class _Retain:
 
     def __post_init__(self) -> None:
         _checks.check_choice(self.loss_type, ("NLL", "KL"), "retain_loss_type")
-        if self.loss_type == "KL" and self.ref_logits is None:
+        logits = check_scored(self.logits, self.labels, self.ignore_index, "retain_logits")
+        if self.ref_logits is not None:
+            check_reference(self.ref_logits, logits, "retain_logits")
+        elif self.loss_type == "KL":
             raise ValueError('retain_loss_type="KL" needs ref_retain_logits; got None')
+        check_backend(self.backend)
 
     def term(self) -> Tensor:
         if self.ref_logits is None or self.loss_type == "NLL":
@@ -72,38 +86,30 @@ class _Retain:
 def _weighted_sum(
     gamma: float, forget: Callable[[], Tensor], alpha: float, retain: _Retain
 ) -> Tensor:
-    """open-unlearning's combination ``gamma * forget + alpha * retain``, the weights checked
-    before either term is computed."""
+    """open-unlearning's combination ``gamma * forget + alpha * retain``, the weights checked,
+    as the terms' arguments are, before either term is computed."""
     gamma = _checks.check_finite_number(gamma, "gamma")
     alpha = _checks.check_finite_number(alpha, "alpha")
     return gamma * forget() + alpha * retain.term()
 
 
 def _sequence_log_ratio_sums(
-    logits: Tensor,
-    ref_logits: Tensor,
-    labels: Tensor,
-    name: str,
-    ignore_index: int,
-    backend: str,
+    logits: Tensor, ref_logits: Tensor, labels: Tensor, ignore_index: int, backend: str
 ) -> Tensor:
-    """Per sequence, the summed shifted log-ratio of model to reference (``compute_batch_nll``)."""
-    tokens = _tokens.align(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=True,
-        backend=backend,
-        name=f"{name}_logits",
-        labels_name=f"{name}_labels",
-    )
-    ref_logits = _checks.check_like(ref_logits, logits, f"ref_{name}_logits", f"{name}_logits")
+    """Per sequence, the summed shifted log-ratio of model to reference (``compute_batch_nll``),
+    of arguments checked by :func:`check_scored_compared`."""
+    tokens = _tokens.align(logits, labels, ignore_index=ignore_index, shift=True, backend=backend)
     logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
     with torch.no_grad():
         ref_logprobs = label_logprobs(
             tokens.batched(ref_logits), tokens.targets, tokens.valid, backend=backend
         )
     return (logprobs - ref_logprobs).sum(-1)
+
+
+def _sequence_count(logits: Tensor) -> int:
+    """Sequences in ``(B, T, V)`` logits; ``(N, V)`` logits are one."""
+    return logits.shape[0] if logits.dim() == 3 else 1
 
 
 def grad_diff_loss(
@@ -120,6 +126,7 @@ def grad_diff_loss(
     backend: Backend = "auto",
 ) -> Tensor:
     r"""open-unlearning's GradDiff: $-\gamma L_f + \alpha\,\text{retain}$, HF token-mean NLLs."""
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
@@ -153,13 +160,16 @@ def npo_loss(
     $2\log 2/\beta$; :func:`unlearning_losses.npo_loss` leaves it out.
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
+    ref_forget = check_scored_compared(
+        forget_logits, ref_forget_logits, forget_labels, ignore_index, "forget_logits"
+    )
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
 
     def forget() -> Tensor:
         delta = _sequence_log_ratio_sums(
-            forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
+            forget_logits, ref_forget, forget_labels, ignore_index, backend
         )
         return (F.softplus(beta * delta) * (2.0 / beta)).mean()
 
@@ -191,6 +201,7 @@ def simnpo_loss(
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
@@ -234,27 +245,32 @@ def dpo_loss(
     with $\Delta = 0$. $\Delta$ is the summed log-ratio to the reference.
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
+    ref_forget = check_scored_compared(
+        forget_logits, ref_forget_logits, forget_labels, ignore_index, "forget_logits"
+    )
+    ref_alternate = check_scored_compared(
+        alternate_logits, ref_alternate_logits, alternate_labels, ignore_index, "alternate_logits"
+    )
+    forget_count, alternate_count = (
+        _sequence_count(forget_logits),
+        _sequence_count(alternate_logits),
+    )
+    if alternate_count != forget_count:
+        raise ValueError(
+            f"alternate_logits must hold as many sequences as forget_logits ({forget_count}); "
+            f"got {alternate_count}"
+        )
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
 
     def forget() -> Tensor:
         lose = _sequence_log_ratio_sums(
-            forget_logits, ref_forget_logits, forget_labels, "forget", ignore_index, backend
+            forget_logits, ref_forget, forget_labels, ignore_index, backend
         )
         win = _sequence_log_ratio_sums(
-            alternate_logits,
-            ref_alternate_logits,
-            alternate_labels,
-            "alternate",
-            ignore_index,
-            backend,
+            alternate_logits, ref_alternate, alternate_labels, ignore_index, backend
         )
-        if win.shape != lose.shape:
-            raise ValueError(
-                f"alternate_logits must hold as many sequences as forget_logits ({lose.shape[0]}); "
-                f"got {win.shape[0]}"
-            )
         return (F.logsigmoid(beta * (win - lose)) * (-2.0 / beta)).mean()
 
     return _weighted_sum(gamma, forget, alpha, retain)
@@ -277,6 +293,8 @@ def wga_loss(
     r"""open-unlearning's WGA: $\gamma\,$ :func:`unlearning_losses.wga_loss`
     $+\ \alpha\,\text{retain}$; its forget term is the same token mean of
     $\operatorname{sg}[p^\beta]\,\ell$. No quirk in the forget term."""
+    beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
@@ -307,6 +325,9 @@ def satimp_loss(
     r"""open-unlearning's SatImp: $\gamma\,$ :func:`unlearning_losses.satimp_loss`
     $+\ \alpha\,\text{retain}$ (note its default $\alpha = 0.1$). No quirk in the
     forget term."""
+    beta1 = _checks.check_finite_number(beta1, "beta1", nonnegative=True)
+    beta2 = _checks.check_finite_number(beta2, "beta2", nonnegative=True)
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
@@ -349,34 +370,28 @@ def undial_loss(
     $\beta = 1$ is kept; open-unlearning's config sets 10.
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
+    ref_forget = check_scored_compared(
+        forget_logits, ref_forget_logits, forget_labels, ignore_index, "forget_logits"
+    )
+    vocab = forget_logits.shape[-1]
+    # Decided from ignore_index alone, without reading the labels: no device sync.
+    if ignore_index < -vocab:
+        raise ValueError(
+            f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
+            f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
+        )
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )
 
     def forget() -> Tensor:
         tokens = _tokens.align(
-            forget_logits,
-            forget_labels,
-            ignore_index=ignore_index,
-            shift=True,
-            backend=backend,
-            name="forget_logits",
-            labels_name="forget_labels",
+            forget_logits, forget_labels, ignore_index=ignore_index, shift=True, backend=backend
         )
-        ref_checked = _checks.check_like(
-            ref_forget_logits, forget_logits, "ref_forget_logits", "forget_logits"
-        )
-        vocab = tokens.logits.shape[-1]
-        # Decided from ignore_index alone, without reading the labels: no device sync.
-        if ignore_index < -vocab:
-            raise ValueError(
-                f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
-                f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
-            )
         wrapped = torch.where(tokens.targets < 0, tokens.targets + vocab, tokens.targets)
         per_token = soft_target_cross_entropy(
             tokens.logits,
-            tokens.batched(ref_checked),
+            tokens.batched(ref_forget),
             wrapped,
             torch.ones_like(tokens.valid),
             label_shift=beta,
@@ -398,7 +413,8 @@ def ceu_loss(
     r"""open-unlearning's CE-U: :func:`unlearning_losses.ceu_loss` after masking the first
     ``ignore_first_n_answer_tokens`` valid labels of every sequence (the CE-U paper's footnote).
     No retain term. Difference: a batch with nothing left gives 0 here, NaN there."""
-    forget_labels = _checks.check_tensor(forget_labels, "forget_labels")
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
+    check_backend(backend)
     first_n = _checks.check_int(ignore_first_n_answer_tokens, "ignore_first_n_answer_tokens")
     if first_n < 0:
         raise ValueError(f"ignore_first_n_answer_tokens must be >= 0; got {first_n}")
@@ -446,6 +462,16 @@ def rmu_loss(
     averages over tokens. Difference: a sequence without a valid position makes their value
     ``inf`` or NaN; here its $1/N_i$ counts as 0. ``control_vector`` is ``(H,)``.
     """
+    tensors = {
+        "forget_hidden": forget_hidden,
+        "forget_labels": forget_labels,
+        "retain_hidden": retain_hidden,
+        "ref_retain_hidden": ref_retain_hidden,
+        "retain_labels": retain_labels,
+        "control_vector": control_vector,
+    }
+    for name, value in tensors.items():
+        refuse_dtensor(value, name)
     forget_hidden, retain_hidden, ref_retain_hidden, control_vector, forget_valid, retain_valid = (
         checked_rmu_inputs(
             forget_hidden,
@@ -498,6 +524,8 @@ def pdu_loss(
     """
     gamma = _float32_rounded(_checks.check_finite_number(gamma, "gamma"))
     dual = _float32_rounded(_checks.check_finite_number(dual, "dual", nonnegative=True))
+    retain_loss_eps = _checks.check_finite_number(retain_loss_eps, "retain_loss_eps")
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
     retain = _Retain(
         retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
     )

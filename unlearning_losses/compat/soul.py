@@ -14,6 +14,7 @@ from .. import _checks
 from ..losses.nll import ga_loss, nll_loss
 from ..losses.npo import npo_loss as _npo_loss
 from ..ops import Backend, reference_cross_entropy
+from .arguments import check_backend, check_compared, check_scored, check_scored_compared
 
 #: SOUL's additive epsilon inside ``log(q + eps)``.
 SOUL_EPSILON = 1e-12
@@ -35,15 +36,17 @@ def ga_ft_loss(
     0 here where Hugging Face's mean gives NaN.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
+    check_scored(retain_logits, retain_labels, ignore_index, "retain_logits")
+    check_backend(backend)
     forget = ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
     retain = nll_loss(retain_logits, retain_labels, ignore_index=ignore_index, backend=backend)
     return forget + gamma * retain
 
 
-def _soul_cross_entropy(logits: Tensor, ref_logits: Tensor, name: str, backend: Backend) -> Tensor:
-    """SOUL's ``kl_loss``: ``-sum_v p_v log(q_v + 1e-12)`` averaged over every ``B x T`` row."""
-    logits = _checks.check_logits(logits, name)
-    ref_logits = _checks.check_like(ref_logits, logits, f"ref_{name}", name)
+def _soul_cross_entropy(logits: Tensor, ref_logits: Tensor, backend: Backend) -> Tensor:
+    """SOUL's ``kl_loss``: ``-sum_v p_v log(q_v + 1e-12)`` averaged over every ``B x T`` row,
+    of logits and a reference checked by :func:`check_compared`."""
     batched = logits if logits.dim() == 3 else logits.unsqueeze(0)
     every_row = torch.ones(batched.shape[:2], dtype=torch.bool, device=logits.device)
     per_row = reference_cross_entropy(
@@ -75,7 +78,10 @@ def kl_ft_loss(
     reference's probability underflows, which KL ascent seeks out).
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
-    cross_entropy = _soul_cross_entropy(forget_logits, ref_forget_logits, "forget_logits", backend)
+    ref_forget = check_compared(forget_logits, ref_forget_logits, "forget_logits")
+    check_scored(retain_logits, retain_labels, ignore_index, "retain_logits")
+    check_backend(backend)
+    cross_entropy = _soul_cross_entropy(forget_logits, ref_forget, backend)
     retain = nll_loss(retain_logits, retain_labels, ignore_index=ignore_index, backend=backend)
     return -gamma * cross_entropy + retain
 
@@ -97,8 +103,11 @@ def kl_loss(
     retain term has no weight. Labels are never read.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
-    forget = _soul_cross_entropy(forget_logits, ref_forget_logits, "forget_logits", backend)
-    retain = _soul_cross_entropy(retain_logits, ref_retain_logits, "retain_logits", backend)
+    ref_forget = check_compared(forget_logits, ref_forget_logits, "forget_logits")
+    ref_retain = check_compared(retain_logits, ref_retain_logits, "retain_logits")
+    check_backend(backend)
+    forget = _soul_cross_entropy(forget_logits, ref_forget, backend)
+    retain = _soul_cross_entropy(retain_logits, ref_retain, backend)
     return -gamma * forget + retain
 
 
@@ -121,8 +130,11 @@ def ga_kl_loss(
     one is given. Difference: a forget batch without a valid label gives 0 here, NaN there.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
+    check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
+    ref_retain = check_compared(retain_logits, ref_retain_logits, "retain_logits")
+    check_backend(backend)
     forget = ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
-    retain = _soul_cross_entropy(retain_logits, ref_retain_logits, "retain_logits", backend)
+    retain = _soul_cross_entropy(retain_logits, ref_retain, backend)
     return forget + gamma * retain
 
 
@@ -145,6 +157,12 @@ def npo_loss(
     paper uses one per sequence; $\beta = 0.1$ is hard-coded there.
     """
     gamma = _checks.check_finite_number(gamma, "gamma")
+    beta = _checks.check_finite_number(beta, "beta", positive=True)
+    check_scored_compared(
+        forget_logits, ref_forget_logits, forget_labels, ignore_index, "forget_logits"
+    )
+    check_scored(retain_logits, retain_labels, ignore_index, "retain_logits")
+    check_backend(backend)
     forget = _npo_loss(
         forget_logits,
         forget_labels,
