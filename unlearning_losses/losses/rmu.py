@@ -92,7 +92,7 @@ def _every_position(hidden: Any) -> Any:
     )
 
 
-def _on_the_activations_mesh(control_vector: Tensor, *others: Tensor) -> Tensor:
+def _on_the_activations_mesh(control_vector: Any, *others: Any) -> Tensor:
     """With DTensor activations every input must be a DTensor on their mesh (labels included,
     with the activations' placements); the control vector, the same on every rank, may be a plain
     tensor and is then replicated. Plain activations take plain tensors only."""
@@ -266,4 +266,4 @@ def rmu_loss(
     retain = activation_distance(retain_hidden, ref_retain_hidden, retain_valid, retain_count)
     loss = forget + alpha * retain
     # DTensor activations reduce through DTensor's own ops; the loss is the same on every rank.
-    return loss.full_tensor() if is_dtensor(loss) else loss
+    return loss.full_tensor() if is_dtensor(loss) else loss  # type: ignore[attr-defined]
