@@ -255,11 +255,13 @@ def _check_context_parallel(rank: int) -> None:
             for n, p in model.named_parameters():
                 summed = p.grad.clone()
                 dist.all_reduce(summed)
+                # float32 sums in another order: an element 1e5 times smaller than the
+                # parameter's largest (SimNPO's, at 1e-17) carries the largest's rounding.
                 torch.testing.assert_close(
                     summed,
                     whole[n],
                     rtol=1e-5,
-                    atol=1e-6 * whole[n].abs().max().item(),
+                    atol=1e-5 * whole[n].abs().max().item(),
                     msg=f"context parallel {name} via {how}: {n}",
                 )
 

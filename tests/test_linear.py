@@ -29,12 +29,20 @@ LOSSES = [
 ]
 
 
-def _pair(name, ref_hidden, labels, chunk_rows):
+def _mapped(logits, scale=1.0, softcap=None):
+    """What a scaled (Cohere) or softcapped (Gemma 2/3) head makes of its output."""
+    logits = logits * scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def _pair(name, ref_hidden, labels, chunk_rows, scale=1.0, softcap=None):
     """(fused-linear call, logits-version call) of one loss, as functions of (h, W, b)."""
     opts = {"chunk_rows": chunk_rows}
+    if (scale, softcap) != (1.0, None):
+        opts.update(logit_scale=scale, logit_softcap=softcap)
 
     def ref_logits(W, b):
-        return F.linear(ref_hidden, W, b).detach()
+        return _mapped(F.linear(ref_hidden, W, b), scale, softcap).detach()
 
     return {
         "token_logprobs": (
@@ -107,11 +115,11 @@ def _pair(name, ref_hidden, labels, chunk_rows):
     }[name]
 
 
-def _run(fn, h, W, b, upstream, through_logits: bool, frozen_head: bool = False):
+def _run(fn, h, W, b, upstream, through_logits: bool, frozen_head: bool = False, head_map=()):
     trained = (True, not frozen_head, not frozen_head)
     leaves = [t.detach().clone().requires_grad_(g) for t, g in zip((h, W, b), trained, strict=True)]
     value = (
-        fn(F.linear(*leaves) if through_logits else leaves[0], leaves[1], leaves[2])
+        fn(_mapped(F.linear(*leaves), *head_map), leaves[1], leaves[2])
         if through_logits
         else fn(*leaves)
     )
@@ -448,3 +456,102 @@ def test_a_reference_sharing_the_head_shares_its_bias():
     other = ul.linear_kl_divergence(h, weight, h, labels=labels, bias=bias, ref_bias=0 * bias)
     expected = ul.kl_divergence(F.linear(h, weight, bias), h @ weight.T, labels)
     torch.testing.assert_close(other, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trained head", "frozen head"])
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one chunk", "chunks of 2 rows"])
+@pytest.mark.parametrize(
+    "head_map", [(0.25, None), (1.0, 3.0), (1.7, 2.0)], ids=["scaled", "softcapped", "both"]
+)
+@pytest.mark.parametrize("name", LOSSES)
+def test_softcapped_and_scaled_heads_equal_the_mapped_logits(
+    name, head_map, chunk_rows, frozen_head
+):
+    """``logit_scale`` and ``logit_softcap`` on every fused-linear path (row chunks, vocabulary
+    slices, cache blocks of 3 rows, frozen and trained heads) equal float64 autograd through
+    ``c * tanh(s * z / c)`` of the materialised logits, value and every gradient."""
+    g = torch.Generator().manual_seed(7)
+    h = 2 * torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(17, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(17, generator=g, dtype=torch.float64)
+    ref_hidden = h + 0.3 * torch.randn(h.shape, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 17, (2, 6), generator=g)
+    labels[0, 2] = -100
+    upstream = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    upstream = upstream[:, 0] if name == "simnpo" else upstream
+    upstream = upstream if name in ("token_logprobs", "nll_none", "npo_token", "simnpo") else 0.7
+    fused, logits_version = _pair(name, ref_hidden, labels, chunk_rows, *head_map)
+    with mock.patch.object(linear_ops, "CACHE_BLOCK_BYTES", 3 * 8 * 17):
+        got = _run(fused, h, W, b, upstream, False, frozen_head)
+    expected = _run(logits_version, h, W, b, upstream, True, frozen_head, head_map)
+    for a, e in zip(got, expected, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    # The map matters: without it the same call gives another value.
+    plain = _run(_pair(name, ref_hidden, labels, chunk_rows)[0], h, W, b, upstream, False)
+    assert not torch.allclose(plain[0], got[0], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logit_scale": 0.0}, "logit_scale must be"),
+        ({"logit_scale": float("nan")}, "logit_scale must be"),
+        ({"logit_softcap": -1.0}, "logit_softcap must be"),
+        ({"logit_softcap": "30"}, "logit_softcap must be"),
+    ],
+)
+def test_bad_logit_maps_are_refused_by_name(kwargs, message):
+    h, W = torch.randn(2, 4, 3), torch.randn(5, 3)
+    with pytest.raises((TypeError, ValueError), match=message):
+        ul.linear_ga_loss(h, W, torch.zeros(2, 4, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("family", "config_options", "expected"),
+    [
+        ("Gemma2", {"final_logit_softcapping": 0.5}, {"logit_softcap": 0.5}),
+        ("Cohere", {"logit_scale": 0.0625}, {"logit_scale": 0.0625}),
+        ("Granite", {"logits_scaling": 8.0}, {"logit_scale": 0.125}),
+        ("Llama", {}, {}),
+    ],
+)
+def test_logit_options_reproduce_the_models_own_loss(family, config_options, expected):
+    """A tiny model of each family: its own ``model(..., labels=).loss`` equals the fused-linear
+    NLL of its last hidden states with ``logit_options(config)``, and not without them."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=97,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        **config_options,
+    )
+    config._attn_implementation = "eager"  # float64 end to end
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).double()
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(input_ids=ids, labels=labels, output_hidden_states=True)
+    options = ul.logit_options(config)
+    assert options == expected
+    ours = ul.linear_nll_loss(out.hidden_states[-1], model.lm_head.weight, labels, **options)
+    torch.testing.assert_close(ours, out.loss.double(), rtol=1e-6, atol=0)
+    if options:
+        plain = ul.linear_nll_loss(out.hidden_states[-1], model.lm_head.weight, labels)
+        assert not torch.allclose(plain, out.loss.double(), rtol=1e-6, atol=0)
+
+
+def test_logit_options_refuse_a_scale_they_cannot_place():
+    class Config:
+        model_type = "new_family"
+        logits_scaling = 4.0
+
+    with pytest.raises(ValueError, match=r"has logits_scaling, and how its head applies it"):
+        ul.logit_options(Config())

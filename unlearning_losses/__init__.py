@@ -6,6 +6,7 @@ Face causal-LM convention and work in any training loop.
 """
 
 from .distributed import GlobalCounts, global_counts
+from .head_config import logit_options
 from .losses.combine import combine_with_retain
 from .losses.dpo import dpo_loss
 from .losses.kl import kl_divergence, kl_loss
@@ -47,6 +48,7 @@ __all__ = [
     "linear_simnpo_loss",
     "linear_token_logprobs",
     "logit_margin_loss",
+    "logit_options",
     "negate_task_vector",
     "nll_loss",
     "npo_loss",

@@ -33,6 +33,10 @@ ARGUMENTS = {
     "weight": "the output head ``(V, H)``, same dtype and device.",
     "bias": "optional ``(V,)``.",
     "chunk_rows": "rows per chunk (default: as many as 128 MiB of float32 logits hold).",
+    "logit_scale": "the factor the model multiplies its head's output by (Cohere's "
+    "``logit_scale``; default 1).",
+    "logit_softcap": "``c`` of the model's soft cap ``c * tanh(z / c)`` on its logits, after "
+    "the scale (Gemma 2/3's ``final_logit_softcapping``; default none).",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent> +)(?P<name>\w+): \{(?P=name)\}$", re.MULTILINE)

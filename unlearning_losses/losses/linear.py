@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _checks, _tokens, sharding
 from .._doc import shared_arguments
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
+from ..ops.logit_map import LogitMap
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
 from .npo import GRANULARITIES, Granularity, check_npo_count, npo_from_logprobs
@@ -30,7 +31,7 @@ def _head(weight, bias, hidden, names=("weight", "bias")):
     return _checks.check_head(weight, bias, hidden, *names)
 
 
-def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows):
+def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows, scale, softcap):
     hidden = _checks.check_hidden(hidden, "hidden")
     weight, bias = _head(weight, bias, hidden)
     tokens = _tokens.align(
@@ -46,7 +47,15 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
         hidden=True,
     )
     _check_chunk_rows(chunk_rows)
-    return tokens, weight, bias
+    return tokens, weight, bias, _logit_map(scale, softcap)
+
+
+def _logit_map(scale: object, softcap: object) -> LogitMap:
+    """What the model does to its head's output, checked: a positive finite scale and cap."""
+    scale = _checks.check_finite_number(scale, "logit_scale", positive=True)
+    if softcap is not None:
+        softcap = _checks.check_finite_number(softcap, "logit_softcap", positive=True)
+    return LogitMap(scale, softcap)
 
 
 def _check_chunk_rows(chunk_rows: object) -> None:
@@ -54,7 +63,7 @@ def _check_chunk_rows(chunk_rows: object) -> None:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
 
 
-def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
+def _logprobs(tokens, weight, bias, chunk_rows, logit_map) -> Tensor:
     return LinearLogprobs.apply(
         tokens.hidden,
         weight,
@@ -62,6 +71,7 @@ def _logprobs(tokens, weight, bias, chunk_rows) -> Tensor:
         tokens.targets,
         tokens.valid,
         chunk_rows,
+        logit_map,
         torch.is_grad_enabled(),
     )
 
@@ -88,6 +98,8 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     shift: bool = True,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     r""":func:`~unlearning_losses.token_logprobs` of ``hidden @ weight.T + bias``, chunk by chunk.
@@ -98,6 +110,8 @@ def linear_token_logprobs(
         labels: {labels}
         bias: {bias}
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         ignore_index: {ignore_index}
         shift: {shift}
         validate: {validate}
@@ -113,10 +127,19 @@ def linear_token_logprobs(
         >>> linear_token_logprobs(hidden, head, labels)
         tensor([[-1.3863, -1.3863]])
     """
-    tokens, weight, bias = _align(
-        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    tokens, weight, bias, logit_map = _align(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        shift,
+        validate,
+        chunk_rows,
+        logit_scale,
+        logit_softcap,
     )
-    return tokens.unflatten(_logprobs(tokens, weight, bias, chunk_rows))
+    return tokens.unflatten(_logprobs(tokens, weight, bias, chunk_rows, logit_map))
 
 
 @shared_arguments
@@ -131,6 +154,8 @@ def linear_ga_loss(
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.ga_loss` of ``hidden @ weight.T + bias``, the logits never
@@ -146,6 +171,8 @@ def linear_ga_loss(
         reduction: {reduction}
         num_items_in_batch: {num_items_in_batch}
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         validate: {validate}
 
     Returns:
@@ -159,13 +186,22 @@ def linear_ga_loss(
         >>> linear_ga_loss(hidden, head, labels), math.log(1 / 4)
         (tensor(-1.3863), -1.3862943611198906)
     """
-    tokens, weight, bias = _align(
-        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    tokens, weight, bias, logit_map = _align(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        shift,
+        validate,
+        chunk_rows,
+        logit_scale,
+        logit_softcap,
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
     if reduction == "none":
-        logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+        logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
         return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
     scale = _scalar_scale(tokens, reduction, num_items)
@@ -177,6 +213,7 @@ def linear_ga_loss(
         tokens.valid,
         scale,
         chunk_rows,
+        logit_map,
         torch.is_grad_enabled(),
     )
     return tokens.sharding.sum_over_tokens(total)
@@ -194,6 +231,8 @@ def linear_nll_loss(
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.nll_loss` of ``hidden @ weight.T + bias``, the negative of
@@ -209,6 +248,8 @@ def linear_nll_loss(
         reduction: {reduction}
         num_items_in_batch: {num_items_in_batch}
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         validate: {validate}
 
     Returns:
@@ -232,6 +273,8 @@ def linear_nll_loss(
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
         chunk_rows=chunk_rows,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
         validate=validate,
     )
 
@@ -255,6 +298,8 @@ def linear_npo_loss(
     num_items_in_batch: int | Tensor | None = None,
     num_sequences: int | Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.npo_loss` of ``hidden @ weight.T + bias``.
@@ -284,6 +329,8 @@ def linear_npo_loss(
         num_sequences: the global count of sequences with a valid token, for the sequence
             granularities.
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         validate: {validate}
 
     Returns:
@@ -298,8 +345,17 @@ def linear_npo_loss(
         >>> linear_npo_loss(hidden, head, labels, ref_logprobs=reference), 2 / 0.1 * math.log(2)
         (tensor(13.8629), 13.862943611198906)
     """
-    tokens, weight, bias = _align(
-        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    tokens, weight, bias, logit_map = _align(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        shift,
+        validate,
+        chunk_rows,
+        logit_scale,
+        logit_softcap,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
@@ -316,14 +372,14 @@ def linear_npo_loss(
         )
         with torch.no_grad():
             ref = LinearLogprobs.apply(
-                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, False
+                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, logit_map, False
             )
     else:
         ref = tokens.local(ref_logprobs, "ref_logprobs", per_token=True)
         expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
         ref = _checks.check_token_values(ref, expected, tokens.hidden, "ref_logprobs")
         ref = ref.detach().reshape(tokens.targets.shape)
-    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+    logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
     result = npo_from_logprobs(
         logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
     )
@@ -344,6 +400,8 @@ def linear_simnpo_loss(
     reduction: Reduction = "mean",
     num_sequences: int | Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.simnpo_loss` of ``hidden @ weight.T + bias``.
@@ -360,6 +418,8 @@ def linear_simnpo_loss(
         reduction: ``"mean"`` over sequences with a valid token, ``"sum"``, or ``"none"``.
         num_sequences: the global count of sequences with a valid token (data parallel).
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         validate: {validate}
 
     Returns:
@@ -374,14 +434,23 @@ def linear_simnpo_loss(
         >>> linear_simnpo_loss(hidden, head, labels), expected
         (tensor(0.0009), 0.0008672089472274687)
     """
-    tokens, weight, bias = _align(
-        hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+    tokens, weight, bias, logit_map = _align(
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        shift,
+        validate,
+        chunk_rows,
+        logit_scale,
+        logit_softcap,
     )
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = _checks.check_mean_count(num_sequences, tokens.hidden, reduction, "num_sequences")
-    logprobs = _logprobs(tokens, weight, bias, chunk_rows)
+    logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
     return tokens.per_sequence(
         simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
     )
@@ -403,6 +472,8 @@ def linear_kl_divergence(
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.kl_divergence` between the heads' distributions on ``hidden``
@@ -424,6 +495,8 @@ def linear_kl_divergence(
         reduction: {reduction}
         num_items_in_batch: {num_items_in_batch}
         chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
         validate: {validate}
 
     Returns:
@@ -444,9 +517,19 @@ def linear_kl_divergence(
             hidden, name="hidden", vocab_parallel=False, hidden=True
         )
         _check_chunk_rows(chunk_rows)
+        logit_map = _logit_map(logit_scale, logit_softcap)
     else:
-        tokens, weight, bias = _align(
-            hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows
+        tokens, weight, bias, logit_map = _align(
+            hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index,
+            shift,
+            validate,
+            chunk_rows,
+            logit_scale,
+            logit_softcap,
         )
     ref_tokens, ref_w, ref_b = _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens)
     _checks.check_choice(direction, DIRECTIONS, "direction")
@@ -464,6 +547,7 @@ def linear_kl_divergence(
             tokens.valid,
             forward_kl,
             chunk_rows,
+            logit_map,
         )
         return tokens.unflatten(token_reduce(per_token, tokens.valid, reduction, num_items))
     scale = _scalar_scale(tokens, reduction, num_items)
@@ -478,6 +562,7 @@ def linear_kl_divergence(
         scale,
         forward_kl,
         chunk_rows,
+        logit_map,
         torch.is_grad_enabled(),
     )
     return tokens.sharding.sum_over_tokens(total)

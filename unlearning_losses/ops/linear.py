@@ -35,6 +35,7 @@ from .chunked import (
     row_groups,
     zero_outside,
 )
+from .logit_map import LogitMap
 
 #: Bytes of float32 logits that one chunk may hold; results do not depend on it. A chunk of rows
 #: re-reads (and re-packs) the whole head, so fewer, larger chunks are faster: on the CPU
@@ -63,11 +64,41 @@ def _cache_blocks(z: Tensor) -> Iterator[tuple[Tensor, slice]]:
         yield flat[rows], rows
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+def _logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, logit_map: LogitMap
+) -> Tensor:
     """``hidden (..., H) @ weight.T + bias`` in the inputs' dtype (as a model computes them), as
-    ``acc``."""
+    ``acc``, then mapped as the model maps them (scaled, softcapped)."""
     z = torch.nn.functional.linear(hidden, weight, bias)
-    return z.to(acc)
+    return logit_map.apply_(z.to(acc))
+
+
+def _label_gradient_block(
+    block: Tensor,
+    logp: Tensor,
+    label_logp: Tensor,
+    index: Tensor,
+    coefficient: Tensor | float,
+    logit_map: LogitMap,
+) -> None:
+    """Write into ``block`` (a cache block of mapped logits, its log-softmax ``logp`` in a scratch
+    buffer) the gradient of ``coefficient * log p_y`` with respect to the head's raw output: the
+    map's slope is read from ``block`` before the gradient replaces it."""
+    if logit_map.softcap is None:
+        scaled = coefficient * logit_map.scale
+        label_gradient_(torch.exp(logp, out=block), label_logp, index, scaled, block)
+        return
+    probs = logp.exp_()
+    label_gradient_(probs, label_logp, index, coefficient, probs)
+    logit_map.slope_(block).mul_(probs)
+
+
+def _chain_(grad_logits: Tensor, mapped: Tensor, logit_map: LogitMap) -> Tensor:
+    """``grad_logits`` (with respect to the mapped logits ``mapped``, which this overwrites) made
+    the gradient with respect to the head's raw output."""
+    if logit_map.softcap is not None:
+        return grad_logits.mul_(logit_map.slope_(mapped))
+    return grad_logits.mul_(logit_map.scale) if logit_map.scale != 1.0 else grad_logits
 
 
 class _Gradients:
@@ -142,19 +173,19 @@ class LinearLogprobs(torch.autograd.Function):
         targets: Tensor,
         valid: Tensor,
         chunk_rows: int | None,
+        logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
         budget = _budget(chunk_rows, weight.shape[0])
         safe_targets = torch.where(valid, targets, 0)
         directions = lse = None
+        head = (weight, bias, logit_map)
         if _frozen_head(hidden, weight, bias, grad_enabled):
-            out, directions = _frozen_head_forward(
-                hidden, weight, bias, safe_targets, valid, budget
-            )
+            out, directions = _frozen_head_forward(hidden, head, safe_targets, valid, budget)
         else:
-            out, lse = _head_logprobs(hidden, weight, bias, safe_targets, valid, budget)
+            out, lse = _head_logprobs(hidden, head, safe_targets, valid, budget)
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, out, lse, directions)
-        ctx.budget = budget
+        ctx.budget, ctx.logit_map = budget, logit_map
         return out
 
     @staticmethod
@@ -167,26 +198,30 @@ class LinearLogprobs(torch.autograd.Function):
         if directions is not None:
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden[:, : valid.shape[1]] = (directions * scale[..., None]).to(hidden.dtype)
-            return grad_hidden, None, None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None, None
         per_token = (safe_targets, lse, logprobs, scale)
-        grads = _head_backward(
-            hidden, weight, bias, valid, per_token, ctx.budget, ctx.needs_input_grad
-        )
-        return (*grads, None, None, None, None)
+        head = (weight, bias, ctx.logit_map)
+        grads = _head_backward(hidden, head, valid, per_token, ctx.budget, ctx.needs_input_grad)
+        return (*grads, None, None, None, None, None)
+
+
+Head = tuple[Tensor, Tensor | None, LogitMap]
+"""The head: ``weight``, ``bias`` and what the model does to its output."""
 
 
 def _frozen_head_forward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor, budget: int
+    hidden: Tensor, head: Head, targets: Tensor, valid: Tensor, budget: int
 ) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) over ``hidden[:, :L]`` and each token's hidden-state gradient
     direction ``(onehot(y) - p) W``, by chunks of rows (each needs its whole row's softmax)."""
+    weight, bias, logit_map = head
     acc = accumulation_dtype(hidden.dtype)
     vocab = weight.shape[0]
     out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
     directions = torch.zeros((*valid.shape, hidden.shape[-1]), dtype=acc, device=hidden.device)
     scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
     for b, t in row_chunks(row_groups(valid, vocab, budget), vocab, budget):
-        z = _logits(_scored_rows(hidden, valid, b, t), weight, bias, acc)
+        z = _logits(_scored_rows(hidden, valid, b, t), weight, bias, acc, logit_map)
         picked = torch.empty(z.shape[:-1], dtype=acc, device=z.device)
         targets_flat = targets[b, t].reshape(-1, 1)
         for block, rows in _cache_blocks(z):
@@ -194,7 +229,7 @@ def _frozen_head_forward(
             index = targets_flat[rows]
             label_logp = logp.gather(-1, index)
             picked.view(-1)[rows] = label_logp.squeeze(-1)
-            label_gradient_(torch.exp(logp, out=block), label_logp, index, 1.0, block)
+            _label_gradient_block(block, logp, label_logp, index, 1.0, logit_map)
         out[b, t] = torch.where(valid[b, t], floored_logprob(picked), 0.0)
         flat = z.view(-1, vocab).to(weight.dtype)
         directions[b, t] = (flat @ weight).view(directions[b, t].shape).to(acc)
@@ -225,22 +260,24 @@ def _token_rows(
 
 
 def _vocabulary_slices(
-    tokens: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype, budget: int
+    tokens: Tensor, head: Head, acc: torch.dtype, budget: int
 ) -> Iterator[tuple[int, int, Tensor]]:
     """``(v0, v1, logits)``: the logits of every row of ``tokens (N, H)`` for the vocabulary
     slice ``[v0, v1)``, slices of at most ``budget`` bytes of float32.
 
     Slicing the vocabulary instead of the rows keeps every matmul well shaped (all N tokens at
     once) and reads each part of the head once per pass."""
+    weight, bias, logit_map = head
     vocab = weight.shape[0]
     width = max(1, budget // (4 * max(1, tokens.shape[0])))
     for v0 in range(0, vocab, width):
         v1 = min(v0 + width, vocab)
-        yield v0, v1, _logits(tokens, weight[v0:v1], None if bias is None else bias[v0:v1], acc)
+        part = None if bias is None else bias[v0:v1]
+        yield v0, v1, _logits(tokens, weight[v0:v1], part, acc, logit_map)
 
 
 def _head_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor, budget: int
+    hidden: Tensor, head: Head, targets: Tensor, valid: Tensor, budget: int
 ) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) and log-sum-exp over the ``valid`` rows of ``hidden[:, :L]``, both
     ``(B, L)`` (0 elsewhere), the vocabulary a slice at a time: each slice's log-sum-exp joins
@@ -250,7 +287,7 @@ def _head_logprobs(
     labels = targets[rows][:, None]
     running = torch.full((tokens.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
     label_logit = torch.zeros((tokens.shape[0], 1), dtype=acc, device=hidden.device)
-    for v0, v1, z in _vocabulary_slices(tokens, weight, bias, acc, budget):
+    for v0, v1, z in _vocabulary_slices(tokens, head, acc, budget):
         for block, span in _cache_blocks(z):
             running[span] = torch.logaddexp(running[span], torch.logsumexp(block, -1))
         has_label = (labels >= v0) & (labels < v1)
@@ -267,8 +304,7 @@ def _head_logprobs(
 
 def _head_backward(
     hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
+    head: Head,
     valid: Tensor,
     per_token: tuple[Tensor, ...],
     budget: int,
@@ -283,21 +319,28 @@ def _head_backward(
     product into the whole head gradient per chunk), and the hidden gradient, ``(N, H)``,
     accumulates over the slices. Invalid rows contribute nothing (see :func:`_token_rows`).
     """
+    weight, bias, logit_map = head
     tokens, rows = _token_rows(hidden, valid)
     targets, lse, logp, coefficient = (x[rows][:, None] for x in per_token)
+    if logit_map.softcap is None:  # a scale's slope is a constant: into the coefficients
+        coefficient = coefficient * logit_map.scale
     acc = lse.dtype
     tokens_acc = tokens.to(acc)
     grad_tokens = torch.zeros(tokens.shape, dtype=acc, device=hidden.device) if needs[0] else None
     grad_weight = torch.zeros_like(weight) if needs[1] else None
     grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-    for v0, v1, z in _vocabulary_slices(tokens, weight, bias, acc, budget):
+    for v0, v1, z in _vocabulary_slices(tokens, head, acc, budget):
         has_label = (targets >= v0) & (targets < v1)
         local = torch.where(has_label, targets - v0, 0)
+        slopes = Scratch(z, acc, CACHE_BLOCK_BYTES) if logit_map.softcap is not None else None
         for block, span in _cache_blocks(z):
+            slope = None if slopes is None else logit_map.slope_(slopes(block.shape).copy_(block))
             probs = block.sub_(lse[span]).exp_()
             label_gradient_(
                 probs, logp[span], local[span], coefficient[span], block, has_label[span]
             )
+            if slope is not None:
+                block.mul_(slope)
         if grad_tokens is not None:
             grad_tokens += (z.to(weight.dtype) @ weight[v0:v1]).to(acc)
         if grad_weight is not None:
@@ -331,6 +374,7 @@ class LinearTokenKL(torch.autograd.Function):
         valid: Tensor,
         forward_kl: bool,
         chunk_rows: int | None,
+        logit_map: LogitMap,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
         vocab = weight.shape[0]
@@ -338,13 +382,15 @@ class LinearTokenKL(torch.autograd.Function):
         out = torch.zeros(valid.shape, dtype=acc, device=hidden.device)
         groups = row_groups(valid, vocab, budget)
         for b, t in row_chunks(groups, vocab, budget):
-            logp = _logits(_scored_rows(hidden, valid, b, t), weight, bias, acc).log_softmax(-1)
+            scored = _scored_rows(hidden, valid, b, t)
+            logp = _logits(scored, weight, bias, acc, logit_map).log_softmax(-1)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
-            logq = _logits(ref_rows, ref_weight, ref_bias, acc).log_softmax(-1)
+            logq = _logits(ref_rows, ref_weight, ref_bias, acc, logit_map).log_softmax(-1)
             value = pair_value(*pair_scores(logp, logq, _kl_mode(forward_kl), 0.0))
             out[b, t] = torch.where(valid[b, t], value, 0.0)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, out)
         ctx.groups, ctx.budget, ctx.forward_kl = groups, budget, forward_kl
+        ctx.logit_map = logit_map
         return out
 
     @staticmethod
@@ -359,14 +405,16 @@ class LinearTokenKL(torch.autograd.Function):
         scale = torch.where(valid, grad_out.to(acc), 0.0)
         for b, t in row_chunks(ctx.groups, weight.shape[0], ctx.budget):
             scored = _scored_rows(hidden, valid, b, t)
-            logp = _logits(scored, weight, bias, acc).log_softmax(-1)
+            z = _logits(scored, weight, bias, acc, ctx.logit_map)
+            logp = z.log_softmax(-1)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
-            logq = _logits(ref_rows, ref_weight, ref_bias, acc).log_softmax(-1)
+            logq = _logits(ref_rows, ref_weight, ref_bias, acc, ctx.logit_map).log_softmax(-1)
             mode = _kl_mode(ctx.forward_kl)
             weights, scores = pair_scores(logp, logq, mode, 0.0)
             grad_logits = pair_gradient(logp, weights, scores, kl[b, t], mode)
+            grad_logits = _chain_(grad_logits, z, ctx.logit_map)
             grads.add(b, t, scored, weight, grad_logits.mul_(scale[b, t, None]))
-        return (*grads.result(weight, bias), None, None, None, None, None, None)
+        return (*grads.result(weight, bias), None, None, None, None, None, None, None)
 
 
 def _forward_pass_gradients(
@@ -403,6 +451,7 @@ class LinearTokenSum(torch.autograd.Function):
         valid: Tensor,
         scale: Tensor,
         chunk_rows: int | None,
+        logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
@@ -416,7 +465,7 @@ class LinearTokenSum(torch.autograd.Function):
         scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
         for b, t in row_chunks(groups, vocab, budget):
             scored = _scored_rows(hidden, valid, b, t)
-            z = _logits(scored, weight, bias, acc)
+            z = _logits(scored, weight, bias, acc, logit_map)
             chunk_targets = safe_targets[b, t].reshape(-1, 1)
             chunk_coefficient = coefficient[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
@@ -425,7 +474,7 @@ class LinearTokenSum(torch.autograd.Function):
                 label_logp = logp.gather(-1, index)
                 total += (label_logp * c).sum()
                 if grads is not None:
-                    label_gradient_(torch.exp(logp, out=block), label_logp, index, c, block)
+                    _label_gradient_block(block, logp, label_logp, index, c, logit_map)
             if grads is not None:
                 grads.add(b, t, scored, weight, z)
             del z  # before the next chunk's logits exist
@@ -436,7 +485,7 @@ class LinearTokenSum(torch.autograd.Function):
     @once_differentiable
     @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
-        return (*_scaled_once(ctx, grad_out), None, None, None, None, None)
+        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None)
 
 
 class LinearKLSum(torch.autograd.Function):
@@ -457,6 +506,7 @@ class LinearKLSum(torch.autograd.Function):
         scale: Tensor,
         forward_kl: bool,
         chunk_rows: int | None,
+        logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
         acc = accumulation_dtype(hidden.dtype)
@@ -468,8 +518,9 @@ class LinearKLSum(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for b, t in row_chunks(groups, vocab, budget):
             scored = _scored_rows(hidden, valid, b, t)
-            z = _logits(scored, weight, bias, acc)
-            ref_z = _logits(_scored_rows(ref_hidden, valid, b, t), ref_weight, ref_bias, acc)
+            z = _logits(scored, weight, bias, acc, logit_map)
+            ref_rows = _scored_rows(ref_hidden, valid, b, t)
+            ref_z = _logits(ref_rows, ref_weight, ref_bias, acc, logit_map)
             chunk_coefficient = coefficient[b, t].reshape(-1, 1)
             for (block, rows), (ref_block, _) in zip(
                 _cache_blocks(z), _cache_blocks(ref_z), strict=True
@@ -481,6 +532,7 @@ class LinearKLSum(torch.autograd.Function):
                 grad_logits = pair_gradient(logp, weights, scores, kl, mode)
                 total += (kl[:, None] * chunk_coefficient[rows]).sum()
                 if grads is not None:
+                    grad_logits = _chain_(grad_logits, block, logit_map)
                     torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
                 grads.add(b, t, scored, weight, z)
@@ -492,7 +544,7 @@ class LinearKLSum(torch.autograd.Function):
     @once_differentiable
     @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
-        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None)
+        return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None, None)
 
 
 def _kl_mode(forward_kl: bool) -> str:
