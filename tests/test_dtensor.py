@@ -240,10 +240,11 @@ def _check_refusals(rank: int) -> None:
         (
             lambda: ul.linear_ga_loss(
                 logits[..., :5],
-                distribute_tensor(torch.randn(8, 5, dtype=torch.float64), line, [Shard(0)]),
+                distribute_tensor(torch.randn(8, 5, dtype=torch.float64), line, [Shard(1)]),
                 labels,
             ),
-            r"weight is a DTensor with placements \(Shard\(dim=0\),\)",
+            r"weight is a DTensor with placements \(Shard\(dim=1\),\); the fused-linear losses "
+            r"take a whole head or one split by vocabulary rows",
         ),
         (lambda: ul.ga_loss(logits, labels, vocab_group="tp"), r"vocab_group must be a"),
         (

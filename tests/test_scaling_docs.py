@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "scaling.md"
 RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", re.DOTALL)
-SHARED_BATCH = {"tensor_parallel", "context_parallel"}
+SHARED_BATCH = {"tensor_parallel", "context_parallel", "tensor_parallel_head"}
 
 
 def _recipes() -> dict[str, str]:
@@ -75,6 +75,7 @@ def test_the_page_has_the_runnable_recipes():
         "tensor_parallel",
         "context_parallel",
         "fused_linear",
+        "tensor_parallel_head",
     }
 
 

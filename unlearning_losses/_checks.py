@@ -222,15 +222,26 @@ def check_int(value: object, name: str) -> int:
 
 
 def check_head(
-    weight: object, bias: object, hidden: Tensor, name: str = "weight", bias_name: str = "bias"
+    weight: object,
+    bias: object,
+    hidden: Tensor,
+    name: str = "weight",
+    bias_name: str = "bias",
+    *,
+    rows_of_group: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """An output head: ``weight (V, H)`` and optional ``bias (V,)`` matching ``hidden (..., H)``."""
+    """An output head: ``weight (V, H)`` and optional ``bias (V,)`` matching ``hidden (..., H)``;
+    V >= 1, or V >= 0 for this rank's ``rows_of_group`` (a vocabulary smaller than its group)."""
     weight = check_tensor(weight, name)
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"{name} must have dtype {hidden.dtype} to match hidden; got {weight.dtype}"
         )
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+    if (
+        weight.dim() != 2
+        or weight.shape[1] != hidden.shape[-1]
+        or weight.shape[0] < 1 - rows_of_group
+    ):
         raise ValueError(
             f"{name} must have shape (V, {hidden.shape[-1]}) to match hidden {_shape(hidden)}; "
             f"got {_shape(weight)}"

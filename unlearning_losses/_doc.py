@@ -33,6 +33,9 @@ ARGUMENTS = {
     "weight": "the output head ``(V, H)``, same dtype and device.",
     "bias": "optional ``(V,)``.",
     "chunk_rows": "rows per chunk (default: as many as 128 MiB of float32 logits hold).",
+    "head_vocab_group": "the process group over which the head's rows (the vocabulary) are "
+    "split, ``weight`` and ``bias`` holding this rank's contiguous slice, in rank order, of any "
+    "width (tensor parallel); a DTensor ``Shard(0)`` weight brings its group itself.",
     "logit_scale": "the factor the model multiplies its head's output by (Cohere's "
     "``logit_scale``; default 1).",
     "logit_softcap": "``c`` of the model's soft cap ``c * tanh(z / c)`` on its logits, after "

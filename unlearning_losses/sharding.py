@@ -111,20 +111,23 @@ def from_groups(logits: Tensor, vocab_group: Any, sequence_group: Any) -> Shardi
     of the vocabulary in rank order, of any widths (see :func:`group_vocab_shard`)."""
     vocab_group = check_group(vocab_group, "vocab_group")
     sequence_group = check_group(sequence_group, "sequence_group")
-    vocab = None if vocab_group is None else group_vocab_shard(logits, vocab_group)
+    vocab = None
+    if vocab_group is not None:
+        vocab = group_vocab_shard(logits.shape[-1], logits.device, vocab_group)
     return Sharding(vocab=vocab, sequence_group=sequence_group)
 
 
-def group_vocab_shard(logits: Tensor, group: Any) -> VocabShard:
-    """This rank's slice of a vocabulary split over ``group``: the ranks' widths are summed into
-    their slots of one vector with a single ``all_reduce``, so slices may differ in width (V = 11
-    over 2 ranks is 6 + 5; a rank may hold none) and each offset is the lower ranks' total."""
+def group_vocab_shard(width: int, device: torch.device, group: Any) -> VocabShard:
+    """This rank's slice, ``width`` columns, of a vocabulary split over ``group``: the ranks'
+    widths are summed into their slots of one vector with a single ``all_reduce`` on ``device``,
+    so slices may differ in width (V = 11 over 2 ranks is 6 + 5; a rank may hold none) and each
+    offset is the lower ranks' total."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    widths = torch.zeros(world, dtype=torch.int64, device=logits.device)
-    widths[rank] = logits.shape[-1]
+    widths = torch.zeros(world, dtype=torch.int64, device=device)
+    widths[rank] = width
     dist.all_reduce(widths, op=dist.ReduceOp.SUM, group=group)
     offset, size = widths[:rank].sum(), widths.sum()
-    if logits.device.type == "cpu":  # no device to wait for: plain integers
+    if device.type == "cpu":  # no device to wait for: plain integers
         return VocabShard(group, int(offset), int(size))
     return VocabShard(group, offset, size)
 
@@ -181,18 +184,26 @@ def from_dtensor(logits: Any, name: str, *, vocab_parallel: bool = True) -> Shar
     )
 
 
-def whole(value: Any, name: str) -> Any:
-    """A tensor every rank holds whole (an output head): a DTensor must be replicated."""
-    if not is_dtensor(value):
-        return value
-    if any(not p.is_replicate() for p in value.placements):
-        raise ValueError(
-            f"{name} is a DTensor with placements {tuple(value.placements)}; the fused-linear "
-            "losses take a whole head. Under FSDP2 call them inside the module's forward, where "
-            f"the head is gathered, or pass {name}.full_tensor(); for a vocabulary-parallel head, "
-            "compute its DTensor logits and use the logits losses"
-        )
-    return value.to_local()
+def head_shards(weight: Any, name: str) -> int | None:
+    """The mesh dimension over which DTensor ``weight`` ``(V, H)`` is split by vocabulary rows
+    (``Shard(0)`` there, ``Replicate`` elsewhere: a tensor-parallel head); None when it is whole
+    on every rank. Any other placement is refused with what to do."""
+    if not is_dtensor(weight):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(weight.placements)
+    rows = [dim for dim, p in enumerate(placements) if not p.is_replicate()]
+    if not rows:
+        return None
+    if len(rows) == 1 and type(placements[rows[0]]) is Shard and placements[rows[0]].dim == 0:
+        return rows[0]
+    raise ValueError(
+        f"{name} is a DTensor with placements {placements}; the fused-linear losses take a whole "
+        "head or one split by vocabulary rows (Shard(0) on one mesh dimension, Replicate on the "
+        "others). Under FSDP2 call them inside the module's forward, where the head is "
+        f"gathered, or pass {name}.full_tensor()"
+    )
 
 
 def output_placements(sharding: Sharding, dims: int) -> tuple:

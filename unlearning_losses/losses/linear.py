@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _checks, _tokens, sharding
 from .._doc import shared_arguments
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
+from ..ops.linear_parallel import vocab_parallel_kl, vocab_parallel_logprobs
 from ..ops.logit_map import LogitMap
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
@@ -24,16 +25,51 @@ from .npo import GRANULARITIES, Granularity, check_npo_count, npo_from_logprobs
 from .simnpo import simnpo_from_logprobs
 
 
-def _head(weight, bias, hidden, names=("weight", "bias")):
-    """The head as local tensors, checked against ``hidden`` (local or a DTensor)."""
-    weight = sharding.whole(weight, names[0])
-    bias = sharding.whole(bias, names[1])
-    return _checks.check_head(weight, bias, hidden, *names)
+def _head(weight, bias, hidden, vocab_group=None, names=("weight", "bias")):
+    """The head as this rank's tensors, checked against ``hidden`` (local or a DTensor), and the
+    group over which its rows (the vocabulary) are split: ``vocab_group``, or the mesh dimension
+    of a DTensor ``Shard(0)`` weight; None for a whole head."""
+    vocab_group = sharding.check_group(vocab_group, "vocab_group")
+    mesh_dim = sharding.head_shards(weight, names[0])
+    if mesh_dim is not None:
+        if vocab_group is not None:
+            raise ValueError(
+                f"{names[0]} is a DTensor, whose placements give its group; pass vocab_group "
+                "only with a plain tensor holding this rank's rows of the head"
+            )
+        vocab_group = weight.device_mesh.get_group(mesh_dim)
+        weight, bias = _local_rows(weight, bias, names)
+    elif sharding.is_dtensor(weight):  # replicated on every mesh dimension
+        weight, bias = _local_rows(weight, bias, names)
+    weight, bias = _checks.check_head(
+        weight, bias, hidden, *names, rows_of_group=vocab_group is not None
+    )
+    return weight, bias, vocab_group
 
 
-def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_rows, scale, softcap):
+def _local_rows(weight, bias, names):
+    """This rank's rows of a DTensor head; its bias must be placed as the weight's rows are."""
+    if sharding.is_dtensor(bias):
+        expected = tuple(p if p.is_replicate() else type(p)(0) for p in weight.placements)
+        if bias.device_mesh != weight.device_mesh or tuple(bias.placements) != expected:
+            raise ValueError(
+                f"{names[1]} must be a DTensor on {names[0]}'s mesh with placements {expected}; "
+                f"got {tuple(bias.placements)}"
+            )
+        bias = bias.to_local()
+    elif bias is not None:
+        raise ValueError(f"{names[1]} must be a DTensor like {names[0]}; got a plain tensor")
+    return weight.to_local(), bias
+
+
+def _align(hidden, head, labels, ignore_index, shift, validate, chunk_rows, scale, softcap):
+    """Checked inputs: the tokens, the head (this rank's rows of it under tensor parallelism),
+    what the model does to its logits, and the vocabulary shard (None for a whole head)."""
     hidden = _checks.check_hidden(hidden, "hidden")
-    weight, bias = _head(weight, bias, hidden)
+    weight, bias, vocab_group = _head(head[0], head[1], hidden, head[2])
+    vocab = None
+    if vocab_group is not None:
+        vocab = sharding.group_vocab_shard(weight.shape[0], weight.device, vocab_group)
     tokens = _tokens.align(
         hidden,
         labels,
@@ -42,12 +78,12 @@ def _align(hidden, weight, bias, labels, ignore_index, shift, validate, chunk_ro
         backend="torch",
         validate=validate,
         name="hidden",
-        vocab_size=weight.shape[0],
+        vocab_size=weight.shape[0] if vocab is None else vocab.size,
         vocab_parallel=False,
         hidden=True,
     )
     _check_chunk_rows(chunk_rows)
-    return tokens, weight, bias, _logit_map(scale, softcap)
+    return tokens, weight, bias, _logit_map(scale, softcap), vocab
 
 
 def _logit_map(scale: object, softcap: object) -> LogitMap:
@@ -63,9 +99,16 @@ def _check_chunk_rows(chunk_rows: object) -> None:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
 
 
-def _logprobs(tokens, weight, bias, chunk_rows, logit_map) -> Tensor:
+def _logprobs(hidden, tokens, weight, bias, chunk_rows, logit_map, vocab) -> Tensor:
+    """Per-token log-probs of ``tokens``' targets from ``hidden`` (the model's or the
+    reference's), through the whole head or this rank's rows of it (``vocab``)."""
+    if vocab is not None:
+        head = (weight, bias)
+        return vocab_parallel_logprobs(
+            hidden, head, tokens.targets, tokens.valid, vocab, logit_map, chunk_rows
+        )
     return LinearLogprobs.apply(
-        tokens.hidden,
+        hidden,
         weight,
         bias,
         tokens.targets,
@@ -100,6 +143,7 @@ def linear_token_logprobs(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     r""":func:`~unlearning_losses.token_logprobs` of ``hidden @ weight.T + bias``, chunk by chunk.
@@ -112,6 +156,7 @@ def linear_token_logprobs(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         ignore_index: {ignore_index}
         shift: {shift}
         validate: {validate}
@@ -127,10 +172,9 @@ def linear_token_logprobs(
         >>> linear_token_logprobs(hidden, head, labels)
         tensor([[-1.3863, -1.3863]])
     """
-    tokens, weight, bias, logit_map = _align(
+    tokens, weight, bias, logit_map, vocab = _align(
         hidden,
-        weight,
-        bias,
+        (weight, bias, vocab_group),
         labels,
         ignore_index,
         shift,
@@ -139,7 +183,9 @@ def linear_token_logprobs(
         logit_scale,
         logit_softcap,
     )
-    return tokens.unflatten(_logprobs(tokens, weight, bias, chunk_rows, logit_map))
+    return tokens.unflatten(
+        _logprobs(tokens.hidden, tokens, weight, bias, chunk_rows, logit_map, vocab)
+    )
 
 
 @shared_arguments
@@ -156,6 +202,7 @@ def linear_ga_loss(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.ga_loss` of ``hidden @ weight.T + bias``, the logits never
@@ -173,6 +220,7 @@ def linear_ga_loss(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         validate: {validate}
 
     Returns:
@@ -186,10 +234,9 @@ def linear_ga_loss(
         >>> linear_ga_loss(hidden, head, labels), math.log(1 / 4)
         (tensor(-1.3863), -1.3862943611198906)
     """
-    tokens, weight, bias, logit_map = _align(
+    tokens, weight, bias, logit_map, vocab = _align(
         hidden,
-        weight,
-        bias,
+        (weight, bias, vocab_group),
         labels,
         ignore_index,
         shift,
@@ -200,9 +247,10 @@ def linear_ga_loss(
     )
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
-    if reduction == "none":
-        logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
-        return tokens.unflatten(token_reduce(logprobs, tokens.valid, reduction, num_items))
+    if reduction == "none" or vocab is not None:
+        logprobs = _logprobs(tokens.hidden, tokens, weight, bias, chunk_rows, logit_map, vocab)
+        reduced = token_reduce(logprobs, tokens.valid, reduction, num_items, tokens.sharding)
+        return tokens.unflatten(reduced)
     # A scalar: every token's coefficient is known now, so the gradient is formed in this pass.
     scale = _scalar_scale(tokens, reduction, num_items)
     total = LinearTokenSum.apply(
@@ -233,6 +281,7 @@ def linear_nll_loss(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.nll_loss` of ``hidden @ weight.T + bias``, the negative of
@@ -250,6 +299,7 @@ def linear_nll_loss(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         validate: {validate}
 
     Returns:
@@ -275,6 +325,7 @@ def linear_nll_loss(
         chunk_rows=chunk_rows,
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
+        vocab_group=vocab_group,
         validate=validate,
     )
 
@@ -300,6 +351,7 @@ def linear_npo_loss(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.npo_loss` of ``hidden @ weight.T + bias``.
@@ -331,6 +383,7 @@ def linear_npo_loss(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         validate: {validate}
 
     Returns:
@@ -345,10 +398,9 @@ def linear_npo_loss(
         >>> linear_npo_loss(hidden, head, labels, ref_logprobs=reference), 2 / 0.1 * math.log(2)
         (tensor(13.8629), 13.862943611198906)
     """
-    tokens, weight, bias, logit_map = _align(
+    tokens, weight, bias, logit_map, vocab = _align(
         hidden,
-        weight,
-        bias,
+        (weight, bias, vocab_group),
         labels,
         ignore_index,
         shift,
@@ -368,18 +420,16 @@ def linear_npo_loss(
         )
     if ref_hidden is not None:
         ref_tokens, ref_w, ref_b = _reference(
-            weight, bias, ref_hidden, ref_weight, ref_bias, tokens
+            weight, bias, ref_hidden, ref_weight, ref_bias, tokens, vocab
         )
         with torch.no_grad():
-            ref = LinearLogprobs.apply(
-                ref_tokens, ref_w, ref_b, tokens.targets, tokens.valid, chunk_rows, logit_map, False
-            )
+            ref = _logprobs(ref_tokens, tokens, ref_w, ref_b, chunk_rows, logit_map, vocab)
     else:
         ref = tokens.local(ref_logprobs, "ref_logprobs", per_token=True)
         expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
         ref = _checks.check_token_values(ref, expected, tokens.hidden, "ref_logprobs")
         ref = ref.detach().reshape(tokens.targets.shape)
-    logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
+    logprobs = _logprobs(tokens.hidden, tokens, weight, bias, chunk_rows, logit_map, vocab)
     result = npo_from_logprobs(
         logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
     )
@@ -402,6 +452,7 @@ def linear_simnpo_loss(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.simnpo_loss` of ``hidden @ weight.T + bias``.
@@ -420,6 +471,7 @@ def linear_simnpo_loss(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         validate: {validate}
 
     Returns:
@@ -434,10 +486,9 @@ def linear_simnpo_loss(
         >>> linear_simnpo_loss(hidden, head, labels), expected
         (tensor(0.0009), 0.0008672089472274687)
     """
-    tokens, weight, bias, logit_map = _align(
+    tokens, weight, bias, logit_map, vocab = _align(
         hidden,
-        weight,
-        bias,
+        (weight, bias, vocab_group),
         labels,
         ignore_index,
         shift,
@@ -450,7 +501,7 @@ def linear_simnpo_loss(
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = _checks.check_mean_count(num_sequences, tokens.hidden, reduction, "num_sequences")
-    logprobs = _logprobs(tokens, weight, bias, chunk_rows, logit_map)
+    logprobs = _logprobs(tokens.hidden, tokens, weight, bias, chunk_rows, logit_map, vocab)
     return tokens.per_sequence(
         simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
     )
@@ -474,6 +525,7 @@ def linear_kl_divergence(
     chunk_rows: int | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    vocab_group: object = None,
     validate: bool = False,
 ) -> Tensor:
     """:func:`~unlearning_losses.kl_divergence` between the heads' distributions on ``hidden``
@@ -497,6 +549,7 @@ def linear_kl_divergence(
         chunk_rows: {chunk_rows}
         logit_scale: {logit_scale}
         logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
         validate: {validate}
 
     Returns:
@@ -512,17 +565,19 @@ def linear_kl_divergence(
     """
     if labels is None:
         hidden = _checks.check_hidden(hidden, "hidden")
-        weight, bias = _head(weight, bias, hidden)
+        weight, bias, vocab_group = _head(weight, bias, hidden, vocab_group)
+        vocab = None
+        if vocab_group is not None:
+            vocab = sharding.group_vocab_shard(weight.shape[0], weight.device, vocab_group)
         tokens = _tokens.align_all_positions(
             hidden, name="hidden", vocab_parallel=False, hidden=True
         )
         _check_chunk_rows(chunk_rows)
         logit_map = _logit_map(logit_scale, logit_softcap)
     else:
-        tokens, weight, bias, logit_map = _align(
+        tokens, weight, bias, logit_map, vocab = _align(
             hidden,
-            weight,
-            bias,
+            (weight, bias, vocab_group),
             labels,
             ignore_index,
             shift,
@@ -531,11 +586,27 @@ def linear_kl_divergence(
             logit_scale,
             logit_softcap,
         )
-    ref_tokens, ref_w, ref_b = _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens)
+    ref_tokens, ref_w, ref_b = _reference(
+        weight, bias, ref_hidden, ref_weight, ref_bias, tokens, vocab
+    )
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
     forward_kl = direction == "forward"
+    if vocab is not None:
+        per_token = vocab_parallel_kl(
+            tokens.hidden,
+            (weight, bias),
+            ref_tokens,
+            (ref_w, ref_b),
+            tokens.valid,
+            forward_kl,
+            vocab,
+            logit_map,
+            chunk_rows,
+        )
+        reduced = token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
+        return tokens.unflatten(reduced)
     if reduction == "none":
         per_token = LinearTokenKL.apply(
             tokens.hidden,
@@ -600,16 +671,24 @@ def linear_kl_loss(
     return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
 
 
-def _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens):
+def _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens, vocab):
     """The reference side, validated, detached and laid out like ``tokens.hidden``.
 
     A reference that shares the model's head (``ref_weight`` omitted) shares its bias too, unless
-    ``ref_bias`` says otherwise."""
+    ``ref_bias`` says otherwise. A model's head split over the vocabulary needs the reference's
+    split the same way (a plain tensor is taken as this rank's rows)."""
     ref_hidden = tokens.like_logits(ref_hidden, "ref_hidden")
     if ref_weight is None:
         ref_weight = weight
         ref_bias = bias if ref_bias is None else ref_bias
-    ref_weight, ref_bias = _head(ref_weight, ref_bias, ref_hidden, ("ref_weight", "ref_bias"))
+    group = None if vocab is None or sharding.is_dtensor(ref_weight) else vocab.group
+    names = ("ref_weight", "ref_bias")
+    ref_weight, ref_bias, ref_group = _head(ref_weight, ref_bias, ref_hidden, group, names)
+    if (ref_group is None) != (vocab is None):
+        raise ValueError(
+            "ref_weight must be split over the vocabulary as weight is (both whole, or both this "
+            "rank's rows of the head)"
+        )
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_weight must have shape ({weight.shape[0]}, {weight.shape[1]}) to match weight "

@@ -1,0 +1,113 @@
+"""The fused-linear losses with a head split by vocabulary rows over CPU ranks (gloo): Megatron's
+``ColumnParallelLinear`` layout as plain tensors with ``vocab_group=``, and a DTensor ``Shard(0)``
+weight. Every rank builds the same seeded float64 inputs; the loss, the hidden states' gradient
+and this rank's rows of the head's gradients equal one process with the whole head at 1e-10,
+for uneven slices and a rank holding none, with a softcapped head and NaN padding rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from ranks import run_on_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import unlearning_losses as ul
+
+H = 6
+
+
+def _inputs(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, H, generator=g, dtype=torch.float64)
+    ref_hidden = hidden + 0.3 * torch.randn(3, 7, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, H, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (3, 7), generator=g)
+    labels[0, :3] = -100
+    labels[1, 4] = -100  # row 3 of sequence 1: ignored, made NaN padding below
+    labels[2, 5] = vocab - 1  # the last rank's last column
+    hidden[1, 3] = ref_hidden[1, 3] = float("nan")
+    ref_logprobs = -torch.rand(3, 6, generator=g, dtype=torch.float64)
+    return hidden, ref_hidden, weight, bias, labels, ref_logprobs
+
+
+def _losses(labels, ref_hidden, ref_logprobs):
+    """name -> f(hidden, weight, bias, **kw), every fused-linear loss and reduction."""
+    return {
+        "token_logprobs": lambda h, w, b, **kw: ul.linear_token_logprobs(
+            h, w, labels, bias=b, **kw
+        ),
+        "ga": lambda h, w, b, **kw: ul.linear_ga_loss(h, w, labels, bias=b, **kw),
+        "nll_sum": lambda h, w, b, **kw: ul.linear_nll_loss(
+            h, w, labels, bias=b, reduction="sum", **kw
+        ),
+        "npo_ref_hidden": lambda h, w, b, **kw: ul.linear_npo_loss(
+            h, w, labels, bias=b, ref_hidden=ref_hidden, **kw
+        ),
+        "npo_token": lambda h, w, b, **kw: ul.linear_npo_loss(
+            h, w, labels, bias=b, ref_logprobs=ref_logprobs, granularity="token", **kw
+        ),
+        "simnpo": lambda h, w, b, **kw: ul.linear_simnpo_loss(h, w, labels, bias=b, **kw),
+        "kl": lambda h, w, b, **kw: ul.linear_kl_divergence(
+            h, w, ref_hidden, labels=labels, bias=b, **kw
+        ),
+        "kl_loss_reverse": lambda h, w, b, **kw: ul.linear_kl_loss(
+            h, w, ref_hidden, labels=labels, bias=b, direction="reverse", reduction="none", **kw
+        ),
+    }
+
+
+def _value_and_grads(fn, hidden, weight, bias, **kw):
+    leaves = [hidden.clone().requires_grad_(True), weight, bias]
+    value = fn(*leaves, **kw)
+    upstream = torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype).reshape(value.shape)
+    grads = torch.autograd.grad((value * upstream).sum(), leaves)
+    return value.detach(), grads
+
+
+def _close(actual, expected, what):
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * scale, msg=what)
+
+
+def _check(rank: int, widths: tuple[int, ...], as_dtensor: bool) -> None:
+    vocab = sum(widths)
+    hidden, ref_hidden, weight, bias, labels, ref_logprobs = _inputs(vocab)
+    rows = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    options = {"logit_softcap": 2.5, "chunk_rows": 4}
+    for name, fn in _losses(labels, ref_hidden, ref_logprobs).items():
+        what = f"{name} with widths {widths}{' as a DTensor' if as_dtensor else ''}"
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        expected, (grad_h, grad_w, grad_b) = _value_and_grads(fn, hidden, w, b, **options)
+        assert torch.isfinite(expected).all() and torch.isfinite(grad_h).all(), what
+        if as_dtensor:
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+            b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(True)
+            got, (got_h, got_w, got_b) = _value_and_grads(fn, hidden, w, b, **options)
+            got_w, got_b = got_w.to_local(), got_b.to_local()
+        else:
+            w = weight[rows].clone().requires_grad_(True)
+            b = bias[rows].clone().requires_grad_(True)
+            kw = {**options, "vocab_group": dist.group.WORLD}
+            got, (got_h, got_w, got_b) = _value_and_grads(fn, hidden, w, b, **kw)
+        _close(got, expected, f"{what}: value")
+        _close(got_h, grad_h, f"{what}: hidden gradient")
+        _close(got_w, grad_w[rows], f"{what}: this rank's rows of the weight gradient")
+        _close(got_b, grad_b[rows], f"{what}: this rank's rows of the bias gradient")
+
+
+def _two_ranks(rank: int) -> None:
+    _check(rank, (7, 4), as_dtensor=False)
+
+
+def _four_ranks(rank: int) -> None:
+    _check(rank, (3, 0, 5, 1), as_dtensor=False)
+    _check(rank, (3, 3, 3, 2), as_dtensor=True)  # DTensor's split of 11 rows over 4 ranks
+
+
+@pytest.mark.parametrize(("check", "world"), [(_two_ranks, 2), (_four_ranks, 4)])
+def test_a_vocabulary_parallel_head_equals_the_whole_head(check, world, tmp_path):
+    run_on_ranks(check, world, tmp_path)
