@@ -24,18 +24,19 @@ from dataclasses import dataclass
 import triton
 
 from unlearning_losses.ops import _triton_common, triton_kl, triton_logprobs
+from unlearning_losses.ops.numerics import KERNEL_MODES
 
 #: (name, kernel, constexpr flags, logit tensors read per element) of every kernel launched.
 KERNELS = [
     ("log-prob forward", triton_logprobs._logprobs_forward_kernel, {}, 1),
     ("log-prob backward", triton_logprobs._logprobs_backward_kernel, {}, 1),
     *(
-        (f"{kind} ({mode.replace('_', ' ')})", kernel, {"MODE": number}, 2)
+        (f"{kind} ({mode.value.replace('_', ' ')})", kernel, {"MODE": number}, 2)
         for kind, kernel in (
             ("pair forward", triton_kl._pair_forward_kernel),
             ("pair backward", triton_kl._pair_backward_kernel),
         )
-        for mode, number in triton_kl.MODES.items()
+        for mode, number in KERNEL_MODES.items()
     ),
 ]
 

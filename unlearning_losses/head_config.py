@@ -33,6 +33,12 @@ def logit_options(config: Any) -> dict[str, float]:
     the model types in :data:`SCALES` (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``,
     HyperCLOVA X's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``).
 
+    Args:
+        config: a Hugging Face model config (``model.config``), or anything with its attributes.
+
+    Returns:
+        ``{"logit_scale": s, "logit_softcap": c}``, each key only where the model uses it.
+
     Raises:
         ValueError: the config has a scale-like attribute but its model type is not known here
             (pass ``logit_scale=`` yourself, as the model's forward applies it).

@@ -27,7 +27,7 @@ from ..losses.soft_targets import ceu_loss as _ceu_loss
 from ..losses.weighted import satimp_loss as _satimp_loss
 from ..losses.weighted import wga_loss as _wga_loss
 from ..ops import Backend, label_logprobs, soft_target_cross_entropy
-from ..ops.chunked import accumulation_dtype
+from ..ops.numerics import accumulation_dtype
 from ..reductions import sequence_sums
 from .arguments import (
     check_backend,

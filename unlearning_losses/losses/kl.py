@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _checks, _tokens, ops
 from .._doc import shared_arguments
+from ..ops.numerics import PairMode
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 
 Direction = Literal["forward", "reverse"]
@@ -92,7 +93,7 @@ def kl_divergence(
         tokens.logits,
         ref_logits,
         tokens.valid,
-        forward_kl=direction == "forward",
+        mode=PairMode.kl(direction),
         backend=backend,
         inplace_backward=inplace_backward,
         vocab=tokens.sharding.vocab,

@@ -19,6 +19,7 @@ from .._doc import shared_arguments
 from ..ops.linear import LinearKLSum, LinearLogprobs, LinearTokenKL, LinearTokenSum
 from ..ops.linear_parallel import vocab_parallel_kl, vocab_parallel_logprobs
 from ..ops.logit_map import LogitMap
+from ..ops.numerics import PairMode
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 from .kl import DIRECTIONS, Direction
 from .npo import GRANULARITIES, Granularity, check_npo_count, npo_from_logprobs
@@ -592,7 +593,7 @@ def linear_kl_divergence(
     _checks.check_choice(direction, DIRECTIONS, "direction")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.hidden, reduction)
-    forward_kl = direction == "forward"
+    mode = PairMode.kl(direction)
     if vocab is not None:
         per_token = vocab_parallel_kl(
             tokens.hidden,
@@ -600,7 +601,7 @@ def linear_kl_divergence(
             ref_tokens,
             (ref_w, ref_b),
             tokens.valid,
-            forward_kl,
+            mode,
             vocab,
             logit_map,
             chunk_rows,
@@ -616,7 +617,7 @@ def linear_kl_divergence(
             ref_w,
             ref_b,
             tokens.valid,
-            forward_kl,
+            mode,
             chunk_rows,
             logit_map,
         )
@@ -631,7 +632,7 @@ def linear_kl_divergence(
         ref_b,
         tokens.valid,
         scale,
-        forward_kl,
+        mode,
         chunk_rows,
         logit_map,
         torch.is_grad_enabled(),

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tokens
-from ..ops.chunked import accumulation_dtype
+from ..ops.numerics import accumulation_dtype
 from ..reductions import REDUCTIONS, Reduction, token_reduce
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._doc import shared_arguments
-from ..ops.chunked import accumulation_dtype
+from ..ops.numerics import accumulation_dtype
 from ..reductions import sequence_sums, token_reduce
 from ..sharding import is_dtensor
 

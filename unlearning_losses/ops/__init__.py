@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..sharding import VocabShard
 from . import custom_ops
+from .numerics import PairMode
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -69,12 +70,13 @@ def token_kl(
     ref_logits: Tensor,
     valid: Tensor,
     *,
-    forward_kl: bool,
+    mode: PairMode,
     backend: str = "auto",
     inplace_backward: bool = False,
     vocab: VocabShard | None = None,
 ) -> Tensor:
-    """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, P from ``logits``.
+    """KL(P || Q) (``PairMode.KL_FORWARD``) or KL(Q || P) (``KL_REVERSE``) per row of
+    ``[:, :L]``, P from ``logits``.
 
     Differentiable in ``logits`` only (``ref_logits`` is a constant); 0 where not valid. With
     ``vocab`` both hold this rank's slice of the vocabulary.
@@ -84,11 +86,10 @@ def token_kl(
 
         _refuse_with_vocab_shards(backend, inplace_backward)
         return vocab_parallel.VocabParallelTokenKL.apply(
-            logits, ref_logits, valid, forward_kl, vocab.group
+            logits, ref_logits, valid, mode, vocab.group
         )
-    mode = "kl_forward" if forward_kl else "kl_reverse"
     which = resolve_backend(backend, logits)
-    args = (logits, ref_logits, valid, valid, mode, 0.0, which, inplace_backward)
+    args = (logits, ref_logits, _unread(valid), valid, mode.value, 0.0, which, inplace_backward)
     return custom_ops.two_distributions(*args)[0]
 
 
@@ -107,7 +108,8 @@ def soft_target_cross_entropy(
     CE-U); 0 where not valid.
     """
     which = resolve_backend(backend, logits)
-    args = (logits, ref_logits, targets, valid, "soft_target", float(label_shift), which, False)
+    mode = PairMode.SOFT_TARGET.value
+    args = (logits, ref_logits, targets, valid, mode, float(label_shift), which, False)
     return custom_ops.two_distributions(*args)[0]
 
 
@@ -121,8 +123,14 @@ def reference_cross_entropy(
     0 where not valid.
     """
     which = resolve_backend(backend, logits)
-    args = (logits, ref_logits, valid, valid, "reference_ce", float(eps), which, False)
+    mode = PairMode.REFERENCE_CE.value
+    args = (logits, ref_logits, _unread(valid), valid, mode, float(eps), which, False)
     return custom_ops.two_distributions(*args)[0]
+
+
+def _unread(valid: Tensor) -> Tensor:
+    """The targets of a mode that reads none: zeros of the mask's shape (cheap ``(B, L)``)."""
+    return torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
 
 
 def _refuse_with_vocab_shards(backend: str, inplace_backward: bool) -> None:

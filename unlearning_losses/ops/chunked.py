@@ -15,13 +15,18 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .numerics import (
+    PairMode,
+    accumulation_dtype,
+    floored_logprob,
+    label_gradient_,
+    pair_gradient,
+    pair_scores,
+    pair_value,
+)
+
 #: Upper bound on the bytes of one float32 chunk of logits; results do not depend on it.
 CHUNK_BYTES = 2 * 1024 * 1024
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def valid_spans(valid: Tensor) -> list[tuple[int, int]]:
@@ -114,32 +119,6 @@ class Scratch:
         return self(chunk.shape).copy_(chunk)
 
 
-def log_ratio(first: Tensor, second: Tensor) -> Tensor:
-    """``first - second`` of two log-probability chunks, finite where -inf entries meet.
-
-    Such an entry has probability 0 on the side that weights it, so ``0 * ratio`` must be 0, not
-    NaN: both sides are floored at the lowest finite value first (NaN stays NaN). Overwrites both.
-    """
-    floor = torch.finfo(first.dtype).min
-    return first.clamp_min_(floor).sub_(second.clamp_min_(floor))
-
-
-def floored_logprob(logprob: Tensor, lse: Tensor | None = None) -> Tensor:
-    """A label's log-probability (``label logit - log-sum-exp``) as the losses take it.
-
-    Floored at the dtype's lowest finite value: finite logits that span more than the float32
-    range (``3e38`` and ``-3e38`` in one row), or a label whose logit is masked to ``-inf``, give a
-    finite value where the difference overflows, so weights and log-ratios downstream stay finite
-    (``0 * -inf`` would be NaN). A row with a ``+inf`` logit is non-finite input and gives NaN, on
-    every backend; NaN stays NaN. The gradient is unaffected (it is formed from the logits).
-    Without ``lse`` the caller's log-probability already carries that NaN (``log_softmax`` does).
-    """
-    floored = logprob.clamp_min(torch.finfo(logprob.dtype).min)
-    if lse is None:
-        return floored
-    return torch.where(lse == float("inf"), float("nan"), floored)
-
-
 def logprobs_forward(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token log p(target) over rows ``[:, :L]``, ``(B, L)``, and zeros of that shape where
     the Triton forward returns the log-sum-exp (this backward recomputes the softmax instead;
@@ -188,91 +167,22 @@ def logprobs_backward(
         )
 
 
-def label_gradient_(
-    probs: Tensor,
-    label_logprob: Tensor,
-    targets: Tensor,
-    scale: Tensor | float,
-    out: Tensor,
-    has_label: Tensor | None = None,
-) -> None:
-    """Write ``d(scale * log p_y) / dz = scale (onehot(y) - p)`` into ``out`` (may be ``probs``).
-
-    Per-row tensors keep a trailing dimension of 1. The label entry, ``scale (1 - p_y) =
-    -scale expm1(log p_y)``, is formed from the label's log-probability (exact near p_y = 1)
-    and rounded once. ``has_label``: the rows whose label column is in this slice of the
-    vocabulary (vocabulary shards); other rows keep ``-scale p`` there.
-    """
-    torch.mul(probs, -scale, out=out)
-    label = -scale * torch.expm1(label_logprob)
-    if has_label is not None:
-        label = torch.where(has_label, label, out.gather(-1, targets))
-    out.scatter_(-1, targets, label.to(out.dtype))
-
-
-#: The per-token quantities of ``pair_forward``: P is the model's next-token distribution, Q the
-#: reference's (for ``"soft_target"`` with the target's logit lowered by ``param``).
-PAIR_MODES = ("kl_forward", "kl_reverse", "soft_target", "reference_ce")
-#: Modes whose value is an expectation under the model's P, ``sum_v p_v a_v`` (their gradient is
-#: ``p_j (a_j - value)``); the others are expectations under Q (gradient ``p_j - q_j``).
-MODEL_WEIGHTED = ("kl_forward", "reference_ce")
-
-
 def reference_log_probs(
     ref_logits: Tensor,
     targets: Tensor,
-    mode: str,
-    param: float,
+    mode: PairMode,
+    constant: float,
     acc: torch.dtype,
     out: Tensor | None = None,
 ) -> Tensor:
     """log Q of a chunk (into ``out`` if given): the reference's log-softmax, for
-    ``"soft_target"`` with each row's target logit lowered by ``param`` first (``inf`` removes the
+    ``SOFT_TARGET`` with each row's target logit lowered by ``constant`` first (``inf`` removes the
     target)."""
-    if mode != "soft_target":
+    if mode != PairMode.SOFT_TARGET:
         return torch.log_softmax(ref_logits, -1, dtype=acc, out=out)
     ref = ref_logits.to(acc, copy=True)
-    lowered = ref.gather(-1, targets[..., None]) - param
+    lowered = ref.gather(-1, targets[..., None]) - constant
     return torch.log_softmax(ref.scatter_(-1, targets[..., None], lowered), -1, out=out)
-
-
-def pair_scores(
-    logp: Tensor, logq: Tensor, mode: str, param: float, out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The weights and scores whose row sums are the per-token value; overwrites both inputs and
-    writes the weights into ``out`` if given.
-
-    ``"kl_forward"``: p and log p - log q (KL(P || Q)); ``"kl_reverse"``: q and log q - log p;
-    ``"soft_target"``: q and -log p (the cross-entropy from Q to P); ``"reference_ce"``: p and
-    -log(q + param) (SOUL's cross-entropy to the reference, with its additive epsilon). A zero
-    weight times a ``-inf`` log-probability gives 0, not NaN (``log_ratio`` floors); NaN stays NaN.
-    """
-    if mode == "kl_forward":
-        return torch.exp(logp, out=out), log_ratio(logp, logq)
-    if mode == "kl_reverse":
-        return torch.exp(logq, out=out), log_ratio(logq, logp)
-    if mode == "soft_target":
-        return torch.exp(logq, out=out), logp.clamp_min_(torch.finfo(logp.dtype).min).neg_()
-    return torch.exp(logp, out=out), logq.exp_().add_(param).log_().neg_()
-
-
-def pair_value(weights: Tensor, scores: Tensor) -> Tensor:
-    """The per-row value ``sum_v weight_v score_v``."""
-    return torch.linalg.vecdot(weights, scores)
-
-
-def pair_gradient(
-    logp: Tensor, weights: Tensor, scores: Tensor, value: Tensor, mode: str
-) -> Tensor:
-    """d value / d logits of a chunk from ``pair_scores``'s inputs and outputs (overwrites them).
-
-    Under P: ``p_j (a_j - value)``; under Q: ``p_j - q_j`` (Q does not depend on the logits).
-    """
-    if mode in MODEL_WEIGHTED:
-        return scores.sub_(value[..., None]).mul_(weights)
-    if mode == "soft_target":  # the scores are -log p
-        return scores.neg_().exp_().sub_(weights)
-    return logp.exp_().sub_(weights)  # log p was floored in place: exp(lowest) = 0
 
 
 class PairWorkspace:
@@ -283,13 +193,13 @@ class PairWorkspace:
         self.upcast, self.logp, self.logq, self.weights = (Scratch(logits, acc) for _ in range(4))
 
     def log_probs(
-        self, logits: Tensor, ref_logits: Tensor, targets: Tensor, mode: str, param: float
+        self, logits: Tensor, ref_logits: Tensor, targets: Tensor, mode: PairMode, constant: float
     ) -> tuple[Tensor, Tensor]:
         """log P and log Q (see ``reference_log_probs``) of one chunk, in the buffers."""
         dtype = self.logp.flat.dtype
         logp = torch.log_softmax(self.upcast.upcast(logits), -1, out=self.logp(logits.shape))
         logq = reference_log_probs(
-            self.upcast.upcast(ref_logits), targets, mode, param, dtype, self.logq(logits.shape)
+            self.upcast.upcast(ref_logits), targets, mode, constant, dtype, self.logq(logits.shape)
         )
         return logp, logq
 
@@ -316,7 +226,12 @@ class PairWorkspace:
 
 
 def pair_forward(
-    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, mode: str, param: float
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    mode: PairMode,
+    constant: float,
 ) -> Tensor:
     """Per-token value of ``mode`` (see ``pair_scores``) over rows ``[:, :L]``; 0 where not
     valid."""
@@ -325,8 +240,10 @@ def pair_forward(
     safe_targets = torch.where(valid, targets, 0)
     work = PairWorkspace(logits, acc)
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
-        logp, logq = work.log_probs(logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, param)
-        value = pair_value(*pair_scores(logp, logq, mode, param, out=work.weights(logp.shape)))
+        logp, logq = work.log_probs(
+            logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, constant
+        )
+        value = pair_value(*pair_scores(logp, logq, mode, constant, out=work.weights(logp.shape)))
         out[b, t] = torch.where(valid[b, t], value, 0.0)
     return out
 
@@ -338,8 +255,8 @@ def pair_backward(
     targets: Tensor,
     valid: Tensor,
     out: Tensor,
-    mode: str,
-    param: float,
+    mode: PairMode,
+    constant: float,
     grad: Tensor,
 ) -> None:
     """Write d(sum grad_out * value) / d logits into ``grad`` (which may be ``logits`` itself)."""
@@ -350,14 +267,16 @@ def pair_backward(
     safe_targets = torch.where(valid, targets, 0)
     work = PairWorkspace(logits, acc)
     for b, t in row_chunks(groups, logits.shape[-1]):
-        if mode == "kl_forward":
+        if mode == PairMode.KL_FORWARD:
             inner = work.model_kl_gradient(logits[b, t], ref_logits[b, t])
         else:
             logp, logq = work.log_probs(
-                logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, param
+                logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, constant
             )
-            if mode == "reference_ce":
-                weights, scores = pair_scores(logp, logq, mode, param, out=work.weights(logp.shape))
+            if mode == PairMode.REFERENCE_CE:
+                weights, scores = pair_scores(
+                    logp, logq, mode, constant, out=work.weights(logp.shape)
+                )
                 inner = pair_gradient(logp, weights, scores, out[b, t], mode)
             else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
                 inner = logp.exp_().sub_(logq.exp_())

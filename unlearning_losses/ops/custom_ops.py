@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import chunked
 from .autocast import autocast_off
+from .numerics import PairMode, accumulation_dtype
 
 
 def _kernels(backend: str, primitive: str) -> Any:
@@ -36,7 +37,7 @@ def _kernels(backend: str, primitive: str) -> Any:
 
 
 def _per_token(logits: Tensor, valid: Tensor) -> Tensor:
-    return logits.new_empty(valid.shape, dtype=chunked.accumulation_dtype(logits.dtype))
+    return logits.new_empty(valid.shape, dtype=accumulation_dtype(logits.dtype))
 
 
 def _gradient_buffer(logits: Tensor, inplace: bool) -> Tensor:
@@ -143,8 +144,11 @@ logprobs = _dispatch(
 #
 # KL (either direction), the soft-target cross-entropy (UNDIAL, CE-U) and the cross-entropy to a
 # reference with SOUL's additive epsilon share one signature: the model's logits, the reference's,
-# the mask, and a ``quantity`` (one of ``chunked.PAIR_MODES``) naming the per-token value. The
-# Triton backward needs both log-sum-exps; the chunked one recomputes them and gets empty
+# the mask, the ``pair_mode`` naming the per-token value (a ``numerics.PairMode`` value; the schema
+# takes a string, and not named ``mode``, which ``auto_functionalized`` keeps for itself) and the
+# mode's ``constant`` (the label shift of the soft target, SOUL's epsilon; 0 for the KL). The
+# Triton backward needs the log-sum-exp and a per-row constant (lse - lse_ref for the KL, lse_ref
+# otherwise) from the forward; the chunked one recomputes what it needs and gets empty
 # placeholders.
 
 
@@ -153,17 +157,19 @@ def _pair_forward(
     ref_logits: Tensor,
     targets: Tensor,
     valid: Tensor,
-    quantity: str,
-    param: float,
+    pair_mode: str,
+    constant: float,
     backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     with autocast_off(logits):
         if backend == "triton":
             return _kernels(backend, "pair").pair_forward(
-                logits, ref_logits, targets, valid, quantity, param
+                logits, ref_logits, targets, valid, PairMode(pair_mode), constant
             )
-        out = chunked.pair_forward(logits, ref_logits, targets, valid, quantity, param)
+        out = chunked.pair_forward(
+            logits, ref_logits, targets, valid, PairMode(pair_mode), constant
+        )
     return out, out.new_empty(0), out.new_empty(0)
 
 
@@ -174,10 +180,10 @@ def _pair_backward(
     targets: Tensor,
     valid: Tensor,
     lse: Tensor,
-    ref_lse: Tensor,
+    row_constant: Tensor,
     out: Tensor,
-    quantity: str,
-    param: float,
+    pair_mode: str,
+    constant: float,
     grad: Tensor,
     backend: str,
 ) -> None:
@@ -190,33 +196,41 @@ def _pair_backward(
                 targets,
                 valid,
                 lse,
-                ref_lse,
+                row_constant,
                 out,
-                quantity,
-                param,
+                PairMode(pair_mode),
+                constant,
                 grad,
             )
         else:
             chunked.pair_backward(
-                grad_out, logits, ref_logits, targets, valid, out, quantity, param, grad
+                grad_out,
+                logits,
+                ref_logits,
+                targets,
+                valid,
+                out,
+                PairMode(pair_mode),
+                constant,
+                grad,
             )
 
 
 def _pair_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    logits, ref_logits, targets, valid, quantity, param, backend, inplace_backward = inputs
-    out, lse, ref_lse = output
-    ctx.save_for_backward(logits, ref_logits, targets, valid, lse, ref_lse, out)
-    ctx.quantity, ctx.param, ctx.backend, ctx.inplace_backward = (
-        quantity,
-        param,
+    logits, ref_logits, targets, valid, pair_mode, constant, backend, inplace_backward = inputs
+    out, lse, row_constant = output
+    ctx.save_for_backward(logits, ref_logits, targets, valid, lse, row_constant, out)
+    ctx.mode, ctx.constant, ctx.backend, ctx.inplace_backward = (
+        pair_mode,
+        constant,
         backend,
         inplace_backward,
     )
 
 
 def _pair_grad(backward: Callable) -> Callable:
-    def grad_fn(ctx: Any, grad_out: Tensor, *_grad_lses: Tensor | None) -> tuple:
-        logits, ref_logits, targets, valid, lse, ref_lse, out = ctx.saved_tensors
+    def grad_fn(ctx: Any, grad_out: Tensor, *_grad_row_stats: Tensor | None) -> tuple:
+        logits, ref_logits, targets, valid, lse, row_constant, out = ctx.saved_tensors
         grad = _gradient_buffer(logits, ctx.inplace_backward)
         backward(
             grad_out,
@@ -225,10 +239,10 @@ def _pair_grad(backward: Callable) -> Callable:
             targets,
             valid,
             lse,
-            ref_lse,
+            row_constant,
             out,
-            ctx.quantity,
-            ctx.param,
+            ctx.mode,
+            ctx.constant,
             grad,
             ctx.backend,
         )
@@ -246,14 +260,25 @@ _pair_backward_op = torch.library.custom_op(
 
 
 @_pair_op.register_fake
-def _(logits, ref_logits, targets, valid, quantity, param, backend, inplace_backward):
+def _(logits, ref_logits, targets, valid, pair_mode, constant, backend, inplace_backward):
     aux = _per_token(logits, valid) if backend == "triton" else logits.new_empty(0)
     return _per_token(logits, valid), aux, aux.clone()
 
 
 @_pair_backward_op.register_fake
 def _(
-    grad_out, logits, ref_logits, targets, valid, lse, ref_lse, out, quantity, param, grad, backend
+    grad_out,
+    logits,
+    ref_logits,
+    targets,
+    valid,
+    lse,
+    row_constant,
+    out,
+    pair_mode,
+    constant,
+    grad,
+    backend,
 ):
     return None
 

@@ -22,20 +22,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .autocast import without_autocast
-from .chunked import (
-    CHUNK_BYTES,
-    Scratch,
+from .chunked import CHUNK_BYTES, Scratch, row_chunks, row_groups, zero_outside
+from .logit_map import LogitMap
+from .numerics import (
+    PairMode,
     accumulation_dtype,
     floored_logprob,
     label_gradient_,
     pair_gradient,
     pair_scores,
     pair_value,
-    row_chunks,
-    row_groups,
-    zero_outside,
 )
-from .logit_map import LogitMap
 
 #: Bytes of float32 logits that one chunk may hold; results do not depend on it. A chunk of rows
 #: re-reads (and re-packs) the whole head, so fewer, larger chunks are faster: on the CPU
@@ -372,7 +369,7 @@ class LinearTokenKL(torch.autograd.Function):
         ref_weight: Tensor,
         ref_bias: Tensor | None,
         valid: Tensor,
-        forward_kl: bool,
+        mode: PairMode,
         chunk_rows: int | None,
         logit_map: LogitMap,
     ) -> Tensor:
@@ -386,10 +383,10 @@ class LinearTokenKL(torch.autograd.Function):
             logp = _logits(scored, weight, bias, acc, logit_map).log_softmax(-1)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
             logq = _logits(ref_rows, ref_weight, ref_bias, acc, logit_map).log_softmax(-1)
-            value = pair_value(*pair_scores(logp, logq, _kl_mode(forward_kl), 0.0))
+            value = pair_value(*pair_scores(logp, logq, mode, 0.0))
             out[b, t] = torch.where(valid[b, t], value, 0.0)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, out)
-        ctx.groups, ctx.budget, ctx.forward_kl = groups, budget, forward_kl
+        ctx.groups, ctx.budget, ctx.mode = groups, budget, mode
         ctx.logit_map = logit_map
         return out
 
@@ -409,9 +406,8 @@ class LinearTokenKL(torch.autograd.Function):
             logp = z.log_softmax(-1)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
             logq = _logits(ref_rows, ref_weight, ref_bias, acc, ctx.logit_map).log_softmax(-1)
-            mode = _kl_mode(ctx.forward_kl)
-            weights, scores = pair_scores(logp, logq, mode, 0.0)
-            grad_logits = pair_gradient(logp, weights, scores, kl[b, t], mode)
+            weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
+            grad_logits = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
             grad_logits = _chain_(grad_logits, z, ctx.logit_map)
             grads.add(b, t, scored, weight, grad_logits.mul_(scale[b, t, None]))
         return (*grads.result(weight, bias), None, None, None, None, None, None, None)
@@ -504,7 +500,7 @@ class LinearKLSum(torch.autograd.Function):
         ref_bias: Tensor | None,
         valid: Tensor,
         scale: Tensor,
-        forward_kl: bool,
+        mode: PairMode,
         chunk_rows: int | None,
         logit_map: LogitMap,
         grad_enabled: bool,
@@ -526,7 +522,6 @@ class LinearKLSum(torch.autograd.Function):
                 _cache_blocks(z), _cache_blocks(ref_z), strict=True
             ):
                 logp, logq = block.log_softmax(-1), ref_block.log_softmax(-1)
-                mode = _kl_mode(forward_kl)
                 weights, scores = pair_scores(logp, logq, mode, 0.0)
                 kl = pair_value(weights, scores)
                 grad_logits = pair_gradient(logp, weights, scores, kl, mode)
@@ -545,10 +540,6 @@ class LinearKLSum(torch.autograd.Function):
     @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
         return (*_scaled_once(ctx, grad_out), None, None, None, None, None, None, None, None, None)
-
-
-def _kl_mode(forward_kl: bool) -> str:
-    return "kl_forward" if forward_kl else "kl_reverse"
 
 
 def _scaled_once(ctx: Any, grad_out: Tensor) -> tuple:

@@ -22,9 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..sharding import VocabShard
 from . import label_logprobs, token_kl
-from .chunked import accumulation_dtype
 from .linear import LINEAR_CHUNK_BYTES
 from .logit_map import LogitMap
+from .numerics import PairMode, accumulation_dtype
 
 Head = tuple[Tensor, Tensor | None]
 
@@ -118,7 +118,7 @@ def vocab_parallel_kl(
     ref_hidden: Tensor,
     ref_head: Head,
     valid: Tensor,
-    forward_kl: bool,
+    mode: PairMode,
     vocab: VocabShard,
     logit_map: LogitMap,
     chunk_rows: int | None,
@@ -130,7 +130,7 @@ def vocab_parallel_kl(
         with torch.no_grad():
             ref_z = _mapped_logits(ref_rows, valid_rows, ref_head, logit_map)
         z = _mapped_logits(rows, valid_rows, head, logit_map)
-        return token_kl(z, ref_z, valid_rows[None], forward_kl=forward_kl, vocab=vocab)[0]
+        return token_kl(z, ref_z, valid_rows[None], mode=mode, vocab=vocab)[0]
 
     ref_rows = ref_hidden[:, : valid.shape[1]]
     width = head[0].shape[0]

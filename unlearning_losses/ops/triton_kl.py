@@ -1,4 +1,4 @@
-"""Triton kernels for per-token quantities of two next-token distributions (``chunked.PAIR_MODES``):
+"""Triton kernels for per-token quantities of two next-token distributions (``numerics.PairMode``):
 KL in either direction, the soft-target cross-entropy (UNDIAL, CE-U) and SOUL's cross-entropy to
 the reference with an additive epsilon.
 
@@ -22,10 +22,10 @@ the reverse gradient formed as ``q expm1(d)`` where ``|d| < 1``: exactly 0 at ``
 within the output dtype's rounding of float64 math when they are close. The forward stores ``c``
 beside ``lse`` for the backward.
 
-``"soft_target"``: ``lse - sum_v q_v z_v`` with Q's logit at the row's target lowered by
-``label_shift`` first (``inf`` removes it); gradient ``p - q``; a target outside the vocabulary
-gives NaN. ``"reference_ce"``: ``-sum_v p_v log(q_v + eps)``, gradient ``p_j (a_j - value)`` with
-``a = -log(q + eps)``.
+``SOFT_TARGET``: ``lse - sum_v q_v z_v`` with Q's logit at the row's target lowered by the mode's
+constant (the label shift; ``inf`` removes it) first; gradient ``p - q``; a target outside the
+vocabulary gives NaN. ``REFERENCE_CE``: ``-sum_v p_v log(q_v + eps)``, eps the mode's constant,
+gradient ``p_j (a_j - value)`` with ``a = -log(q + eps)``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,13 @@ from ._triton_common import (
     online_lse_step,
     row_targets,
 )
+from .numerics import KERNEL_MODES, PairMode
 
-#: ``MODE`` of the kernels, by ``chunked.PAIR_MODES`` name.
-MODES = {"kl_forward": 0, "kl_reverse": 1, "soft_target": 2, "reference_ce": 3}
+# The kernels' ``MODE`` values by name (the two KL modes first: ``MODE <= KL_REVERSE`` is a KL).
+KL_FORWARD = tl.constexpr(KERNEL_MODES[PairMode.KL_FORWARD])
+KL_REVERSE = tl.constexpr(KERNEL_MODES[PairMode.KL_REVERSE])
+SOFT_TARGET = tl.constexpr(KERNEL_MODES[PairMode.SOFT_TARGET])
+REFERENCE_CE = tl.constexpr(KERNEL_MODES[PairMode.REFERENCE_CE])
 #: Beyond this log-ratio the forward takes ``c`` from the log-sum-exps (no overflow in expm1).
 _NEAR = tl.constexpr(60.0)
 
@@ -58,7 +62,7 @@ def _floored(x):
 
 @triton.jit
 def _load_pair(
-    base, ref_base, columns, vocab, stride_v, stride_ref_v, target, param, MODE: tl.constexpr
+    base, ref_base, columns, vocab, stride_v, stride_ref_v, target, constant, MODE: tl.constexpr
 ):
     """Both rows' tiles in float32 (``-inf`` past the vocabulary); the soft target lowered."""
     in_vocab = columns < vocab
@@ -67,8 +71,8 @@ def _load_pair(
         ref_base + columns.to(tl.int64) * stride_ref_v, mask=in_vocab, other=float("-inf")
     )
     z_ref = z_ref.to(tl.float32)
-    if MODE == 2:
-        z_ref = tl.where(columns == target, z_ref - param, z_ref)
+    if MODE == SOFT_TARGET:
+        z_ref = tl.where(columns == target, z_ref - constant, z_ref)
     return z.to(tl.float32), z_ref
 
 
@@ -84,7 +88,7 @@ def _pair_forward_kernel(
     ref_ptr,
     valid_ptr,
     targets_ptr,
-    param,
+    constant,
     out_ptr,
     lse_ptr,
     aux_ptr,
@@ -102,7 +106,7 @@ def _pair_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
     target = -1
-    if MODE == 2:
+    if MODE == SOFT_TARGET:
         target = tl.load(targets_ptr + row)
     if tl.load(valid_ptr + row) == 0:
         tl.store(out_ptr + row, 0.0)
@@ -121,45 +125,53 @@ def _pair_forward_kernel(
     for start in range(0, vocab, BLOCK_V):
         columns = start + offsets
         z, z_ref = _load_pair(
-            base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
+            base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, constant, MODE
         )
         # exp of the raw logits: -inf entries and lanes past V weigh exactly 0.
         m, rescale, e = online_lse_step(m, z)
         m_ref, rescale_ref, e_ref = online_lse_step(m_ref, z_ref)
         s = s * rescale + tl.sum(e, axis=0)
         s_ref = s_ref * rescale_ref + tl.sum(e_ref, axis=0)
-        if MODE == 2:
+        if MODE == SOFT_TARGET:
             w = w * rescale_ref - tl.sum(e_ref * _floored(z), axis=0)
-        elif MODE < 2:
+        elif MODE <= KL_REVERSE:
             delta = _floored(z) - _floored(z_ref)
             delta_max = tl.maximum(delta_max, tl.max(delta, axis=0))
             near = near * rescale_ref + tl.sum(e_ref * expm1(tl.minimum(delta, _NEAR)), axis=0)
-            if MODE == 0:
+            if MODE == KL_FORWARD:
                 w = w * rescale + tl.sum(e * delta, axis=0)
             else:
                 w = w * rescale_ref + tl.sum(e_ref * delta, axis=0)
     lse = m + tl.log(s)
     lse_ref = m_ref + tl.log(s_ref)
     aux = lse_ref
-    if MODE < 2:
+    if MODE <= KL_REVERSE:
         # Close distributions: e^c - 1 = near / s_ref is small and exact; else the log-sum-exps.
         ratio = near / s_ref
         is_near = (delta_max <= _NEAR) & (tl.abs(ratio) <= 0.5)
         aux = tl.where(is_near, log1p(ratio), lse - lse_ref)
-    if MODE == 0:
+    if MODE == KL_FORWARD:
         value = w / s - aux
-    elif MODE == 1:
+    elif MODE == KL_REVERSE:
         value = aux - w / s_ref
-    elif MODE == 2:
+    elif MODE == SOFT_TARGET:
         value = tl.where(target < vocab, w / s_ref + lse, float("nan"))
     else:
         value = 0.0
         for start in range(0, vocab, BLOCK_V):
             columns = start + offsets
             z, z_ref = _load_pair(
-                base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
+                base,
+                ref_base,
+                columns,
+                vocab,
+                stride_logits_v,
+                stride_ref_v,
+                target,
+                constant,
+                MODE,
             )
-            score = _reference_score(z_ref, lse_ref, param)
+            score = _reference_score(z_ref, lse_ref, constant)
             value += tl.sum(tl.exp(z - lse) * score, axis=0)
     tl.store(out_ptr + row, value)
     tl.store(lse_ptr + row, lse)
@@ -173,7 +185,7 @@ def _pair_backward_kernel(
     ref_ptr,
     valid_ptr,
     targets_ptr,
-    param,
+    constant,
     lse_ptr,
     aux_ptr,
     value_ptr,
@@ -196,7 +208,7 @@ def _pair_backward_kernel(
     b, t = row // length, row % length
     valid = tl.load(valid_ptr + row) != 0
     target = -1
-    if MODE == 2:
+    if MODE == SOFT_TARGET:
         target = tl.load(targets_ptr + row)
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
@@ -209,20 +221,28 @@ def _pair_backward_kernel(
         columns = start + offsets
         if valid:
             z, z_ref = _load_pair(
-                base, ref_base, columns, vocab, stride_logits_v, stride_ref_v, target, param, MODE
+                base,
+                ref_base,
+                columns,
+                vocab,
+                stride_logits_v,
+                stride_ref_v,
+                target,
+                constant,
+                MODE,
             )
             z, z_ref = _floored(z), _floored(z_ref)
             p = tl.exp(z - lse)
-            if MODE == 0:
+            if MODE == KL_FORWARD:
                 grad = p * (z - z_ref - aux - value)
-            elif MODE == 1:
+            elif MODE == KL_REVERSE:
                 d = z - z_ref - aux
                 q = tl.exp(z_ref - lse + aux)
                 grad = tl.where(tl.abs(d) < 1.0, q * expm1(d), p - q)
-            elif MODE == 2:
+            elif MODE == SOFT_TARGET:
                 grad = p - tl.exp(z_ref - aux)
             else:
-                grad = p * (_reference_score(z_ref, aux, param) - value)
+                grad = p * (_reference_score(z_ref, aux, constant) - value)
             grad = grad * scale
         else:
             grad = tl.zeros([BLOCK_V], tl.float32)
@@ -233,13 +253,19 @@ def _pair_backward_kernel(
         )
 
 
-def _row_targets(targets: Tensor, valid: Tensor, mode: str) -> Tensor:
-    """Per-row targets for the soft-target mode (the mask stands in, unread, otherwise)."""
-    return row_targets(targets, valid) if mode == "soft_target" else valid.contiguous()
+def _row_targets(targets: Tensor, valid: Tensor, mode: PairMode) -> Tensor:
+    """Per-row targets for the soft-target mode; the other modes read none (the mask, already
+    contiguous, fills the argument)."""
+    return row_targets(targets, valid) if mode == PairMode.SOFT_TARGET else valid.contiguous()
 
 
 def pair_forward(
-    logits: Tensor, ref_logits: Tensor, targets: Tensor, valid: Tensor, mode: str, param: float
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    mode: PairMode,
+    constant: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token value of ``mode``, the log-sum-exp and the backward's row constant (``c`` for
     KL, the reference's log-sum-exp otherwise), float32 ``(B, L)``; 0 where not valid."""
@@ -252,7 +278,7 @@ def pair_forward(
         ref_logits,
         valid.contiguous(),
         _row_targets(targets, valid, mode),
-        float(param),
+        float(constant),
         out,
         lse,
         aux,
@@ -260,7 +286,7 @@ def pair_forward(
         logits.shape[-1],
         *logits.stride(),
         *ref_logits.stride(),
-        MODE=MODES[mode],
+        MODE=KERNEL_MODES[PairMode(mode)],
         BLOCK_V=block_size(logits.shape[-1]),
         inputs=2,
     )
@@ -276,8 +302,8 @@ def pair_backward(
     lse: Tensor,
     aux: Tensor,
     value: Tensor,
-    mode: str,
-    param: float,
+    mode: PairMode,
+    constant: float,
     grad: Tensor,
 ) -> None:
     """Write d(sum grad_out * value) / d logits into ``grad`` (which may be ``logits`` itself)."""
@@ -291,7 +317,7 @@ def pair_backward(
         ref_logits,
         valid.contiguous(),
         _row_targets(targets, valid, mode),
-        float(param),
+        float(constant),
         lse,
         aux,
         value,
@@ -301,7 +327,7 @@ def pair_backward(
         *logits.stride(),
         *ref_logits.stride(),
         *grad.stride(),
-        MODE=MODES[mode],
+        MODE=KERNEL_MODES[PairMode(mode)],
         BLOCK_V=block_size(logits.shape[-1]),
         inputs=2,
     )

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
-from .chunked import accumulation_dtype, floored_logprob
+from .numerics import accumulation_dtype, floored_logprob
 
 
 @triton.jit

@@ -20,16 +20,15 @@ from torch.autograd.function import once_differentiable
 
 from ..sharding import VocabShard
 from .autocast import without_autocast
-from .chunked import (
+from .chunked import row_chunks, row_groups, zero_outside
+from .numerics import (
+    PairMode,
     accumulation_dtype,
     floored_logprob,
     label_gradient_,
     pair_gradient,
     pair_scores,
     pair_value,
-    row_chunks,
-    row_groups,
-    zero_outside,
 )
 
 
@@ -98,7 +97,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
 
 class VocabParallelTokenKL(torch.autograd.Function):
-    """KL(P || Q) (``forward_kl``) or KL(Q || P) per row of ``[:, :L]``, vocabulary sharded."""
+    """KL(P || Q) or KL(Q || P) (``mode``) per row of ``[:, :L]``, vocabulary sharded."""
 
     @staticmethod
     @without_autocast
@@ -107,7 +106,7 @@ class VocabParallelTokenKL(torch.autograd.Function):
         logits: Tensor,
         ref_logits: Tensor,
         valid: Tensor,
-        forward_kl: bool,
+        mode: PairMode,
         group: object,
     ) -> Tensor:
         acc = accumulation_dtype(logits.dtype)
@@ -122,12 +121,11 @@ class VocabParallelTokenKL(torch.autograd.Function):
         for b, t in row_chunks(groups, local_vocab):
             logp = logits[b, t].to(acc) - lse[b, t, None]
             logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            mode = "kl_forward" if forward_kl else "kl_reverse"
             partial[b, t] = pair_value(*pair_scores(logp, logq, mode, 0.0))
         dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
         kl = torch.where(valid, partial, 0.0)
         ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl)
-        ctx.groups, ctx.forward_kl = groups, forward_kl
+        ctx.groups, ctx.mode = groups, mode
         return kl
 
     @staticmethod
@@ -142,9 +140,8 @@ class VocabParallelTokenKL(torch.autograd.Function):
         for b, t in row_chunks(ctx.groups, logits.shape[-1]):
             logp = logits[b, t].to(acc) - lse[b, t, None]
             logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            mode = "kl_forward" if ctx.forward_kl else "kl_reverse"
-            weights, scores = pair_scores(logp, logq, mode, 0.0)
-            inner = pair_gradient(logp, weights, scores, kl[b, t], mode)
+            weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
+            inner = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
             inner.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
