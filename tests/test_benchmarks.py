@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from unlearning_losses import bench
+from unlearning_losses.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +123,89 @@ def test_dtensor_benchmark_compares_both_paths(tmp_path):
     )
     table = (tmp_path / "dtensor.md").read_text()
     assert "| ga |" in table and "peak extra memory" in table
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """A refused argument must stop the command before its first measurement."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark started measuring")
+
+    monkeypatch.setattr(bench, "Timer", refuse)
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """The one-line error of ``bench argv`` (exit 2, nothing printed to stdout)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--quiet", *argv])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("unlearning-losses bench: error: ") and err.count("\n") == 1
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tokens", "-5"],
+        ["--tokens", "0"],
+        ["--hidden", "-1"],
+        ["--vocabs", "40", "0"],
+        ["--repeats", "0"],
+    ],
+)
+def test_bench_refuses_sizes_below_one(argv, capsys, no_measuring):
+    err = _refused(argv, capsys)
+    assert argv[0] in err and argv[-1] in err
+
+
+def test_bench_refuses_an_unknown_implementation_and_lists_the_known(capsys, no_measuring):
+    err = _refused(["--device", "cpu", "--implementations", "eager", "nonesuch"], capsys)
+    assert "--implementations" in err and "'nonesuch'" in err
+    assert all(repr(name) in err for name in bench.IMPLEMENTATIONS)
+
+
+def test_bench_knows_every_implementation_it_measures():
+    for loss in bench.LOGIT_LOSSES + bench.LINEAR_LOSSES:
+        assert set(bench.providers(loss, torch.device("cpu"), compiled=True)) <= set(
+            bench.IMPLEMENTATIONS
+        )
+
+
+def test_bench_refuses_an_unknown_device_naming_the_choices(capsys, no_measuring):
+    err = _refused(["--device", "gpu"], capsys)
+    assert "--device" in err and "'gpu'" in err and "auto, cpu, cuda" in err
+
+
+def test_bench_refuses_cuda_where_there_is_none(capsys, monkeypatch, no_measuring):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _refused(["--device", "cuda"], capsys)
+    assert "--device cuda" in err and "CUDA is not available here" in err
+
+
+def test_bench_refuses_an_out_that_is_a_file_or_below_one(tmp_path, capsys, no_measuring):
+    file = tmp_path / "results"
+    file.write_text("mine")
+    for out in (file, file / "below"):
+        err = _refused(["--out", str(out)], capsys)
+        assert f"--out {out}" in err
+    assert file.read_text() == "mine"
+
+
+def test_bench_refuses_an_unwritable_out_folder(tmp_path, capsys, monkeypatch, no_measuring):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: stand in for a user's refusal
+        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: False)
+    err = _refused(["--out", str(locked)], capsys)
+    assert f"--out {locked}: the folder is not writable" in err
+    assert list(locked.iterdir()) == []
+
+
+def test_bench_creates_its_out_folder_before_measuring(tmp_path, capsys, no_measuring):
+    out = tmp_path / "new" / "results"
+    with pytest.raises(AssertionError, match="started measuring"):
+        main(["bench", "--quiet", "--device", "cpu", "--out", str(out)])
+    assert out.is_dir()

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench":
         if args.out:
             _require(parser, "bench", ("matplotlib",))
-        bench.run(args)
+        try:
+            settings = bench.check_arguments(args)
+        except ValueError as error:
+            _user_error(parser, "bench", error)
+        bench.run(settings)
     elif args.command == "demo":
         _require(parser, "demo", ("matplotlib", "tqdm"))
         from .demo import run as demo
@@ -68,10 +73,15 @@ def main(argv: list[str] | None = None) -> None:
                 overwrite=args.overwrite,
                 progress=not args.quiet,
             )
-        except (ValueError, TypeError) as error:  # the user's input: one line, no traceback
-            print(f"{parser.prog} task-vector: error: {error}", file=sys.stderr)
-            sys.exit(2)
+        except (ValueError, TypeError) as error:
+            _user_error(parser, "task-vector", error)
         print(f"wrote {args.out}: {report.summary()}")
+
+
+def _user_error(parser: argparse.ArgumentParser, command: str, error: Exception) -> NoReturn:
+    """The user's input was wrong: one line and exit 2, no traceback."""
+    print(f"{parser.prog} {command}: error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _require(parser: argparse.ArgumentParser, extra: str, modules: tuple[str, ...]) -> None:

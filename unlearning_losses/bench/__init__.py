@@ -36,9 +36,25 @@ DEFAULT_LOSSES = ("ga", "npo", "kl", "simnpo", "linear_ga")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Defaults per device: about a minute on a GPU, a few minutes on two CPU cores.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cuda": {"tokens": 8192, "hidden": 4096, "vocabs": [32000, 128256], "dtypes": ["bfloat16"]},
-    "cpu": {"tokens": 1024, "hidden": 1024, "vocabs": [32000], "dtypes": ["float32"]},
+    "cuda": {
+        "tokens": 8192,
+        "hidden": 4096,
+        "vocabs": [32000, 128256],
+        "dtypes": ["bfloat16"],
+        "repeats": 10,
+    },
+    "cpu": {"tokens": 1024, "hidden": 1024, "vocabs": [32000], "dtypes": ["float32"], "repeats": 3},
 }
+#: Every name ``providers`` can return, for ``--implementations`` (where installed and runnable).
+IMPLEMENTATIONS = (
+    "ours",
+    "ours, in-place backward",
+    "eager",
+    "torch.compile(eager)",
+    "F.linear_cross_entropy",
+    "Liger-Kernel",
+    "Cut Cross-Entropy",
+)
 SEQUENCES = 8
 CHECK_ROWS = 64
 
@@ -46,7 +62,9 @@ CHECK_ROWS = 64
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     losses = LOGIT_LOSSES + LINEAR_LOSSES
     parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=losses)
-    parser.add_argument("--implementations", nargs="+", help="only these (default: all found)")
+    parser.add_argument(
+        "--implementations", nargs="+", help="only these and ours (default: all found)"
+    )
     parser.add_argument("--tokens", type=int, help="tokens per batch (cuda 8192, cpu 1024)")
     parser.add_argument("--hidden", type=int, help="hidden size, fused-linear losses")
     parser.add_argument("--vocabs", type=int, nargs="+", help="vocabulary sizes")
@@ -57,44 +75,126 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="also time torch.compile of the eager code (default: on CUDA only)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, help="also write bench.md/.csv/.json/.png here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Measure, print the table, write the files; the records."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The command's arguments, checked and with the device's defaults filled in."""
+
+    device: torch.device
+    losses: tuple[str, ...]
+    implementations: tuple[str, ...] | None
+    tokens: int
+    hidden: int
+    vocabs: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    repeats: int
+    compiled: bool
+    out: Path | None
+    quiet: bool
+
+
+def check_arguments(args: argparse.Namespace) -> Settings:
+    """The arguments checked before any measurement, a ValueError naming the first bad one, and
+    the device's defaults filled in; ``--out`` is created and must be a writable folder."""
+    device = _device(args.device)
+    _check_sizes(args)
+    unknown = [name for name in args.implementations or [] if name not in IMPLEMENTATIONS]
+    if unknown:
+        known = ", ".join(map(repr, IMPLEMENTATIONS))
+        raise ValueError(
+            f"--implementations: unknown {', '.join(map(repr, unknown))}; known: {known}"
+        )
+    defaults = DEFAULTS[device.type]
+    return Settings(
+        device=device,
+        losses=tuple(args.losses),
+        implementations=tuple(args.implementations) if args.implementations else None,
+        tokens=defaults["tokens"] if args.tokens is None else args.tokens,
+        hidden=defaults["hidden"] if args.hidden is None else args.hidden,
+        vocabs=tuple(args.vocabs or defaults["vocabs"]),
+        dtypes=tuple(args.dtypes or defaults["dtypes"]),
+        repeats=defaults["repeats"] if args.repeats is None else args.repeats,
+        compiled=args.compile if args.compile is not None else device.type == "cuda",
+        out=None if args.out is None else _out_folder(args.out),
+        quiet=args.quiet,
     )
-    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    tokens = args.tokens or defaults["tokens"]
-    hidden = args.hidden or defaults["hidden"]
-    vocabs = args.vocabs or defaults["vocabs"]
-    dtypes = args.dtypes or defaults["dtypes"]
-    repeats = args.repeats or (10 if device.type == "cuda" else 3)
-    compiled = args.compile if args.compile is not None else device.type == "cuda"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device: torch.device | None = torch.device(name)
+    except RuntimeError:  # not a device string at all
+        device = None
+    if device is None or device.type not in DEFAULTS:
+        raise ValueError(f"--device: unknown {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} GPUs here")
+    return device
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Sizes of at least 1 (a zero was once taken for "default", a negative failed mid-run)."""
+    sizes = {
+        "--tokens": [args.tokens],
+        "--hidden": [args.hidden],
+        "--vocabs": args.vocabs or [],
+        "--repeats": [args.repeats],
+    }
+    for flag, values in sizes.items():
+        for value in values:
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, not {value}")
+
+
+def _out_folder(out: Path) -> Path:
+    """``out``, created if needed: a wrong path found now, not after minutes of measuring."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--out {out}: is a file, not a folder") from None
+    except OSError as error:
+        raise ValueError(f"--out {out}: {error.strerror or error}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    return out
+
+
+def run(settings: Settings) -> list[dict]:
+    """Measure, print the table, write the files; the records."""
+    device = settings.device
     timer = Timer(device)
     bandwidth = copy_bandwidth(device, timer)
     first_write = first_write_ms(device, timer)
-    plan = [(loss, v, d) for loss in args.losses for v in vocabs for d in dtypes]
-    found = {loss: providers(loss, device, compiled) for loss in args.losses}
-    if args.implementations:
+    plan = [
+        (loss, v, d) for loss in settings.losses for v in settings.vocabs for d in settings.dtypes
+    ]
+    found = {loss: providers(loss, device, settings.compiled) for loss in settings.losses}
+    if settings.implementations:
         found = {
-            loss: {n: f for n, f in impls.items() if n in args.implementations or n == "ours"}
+            loss: {n: f for n, f in impls.items() if n in settings.implementations or n == "ours"}
             for loss, impls in found.items()
         }
     total = sum(len(found[loss]) for loss, _, _ in plan)
     records = []
-    with progress(total, "bench", "measurement", not args.quiet) as bar:
+    with progress(total, "bench", "measurement", not settings.quiet) as bar:
         for loss, vocab, dtype_name in plan:
-            batch = _batch(loss, tokens, hidden, vocab, DTYPES[dtype_name], device)
+            batch = _batch(
+                loss, settings.tokens, settings.hidden, vocab, DTYPES[dtype_name], device
+            )
             check = _slice(batch)
             reference = found[loss]["ours"](_as_float64(check)).item()
             ours_ms = math.nan
             for name, fn in found[loss].items():
                 mine = _private(batch) if "in-place" in name else batch
-                record = _measure(fn, mine, timer, repeats, device)
+                record = _measure(fn, mine, timer, settings.repeats, device)
                 ours_ms = record["fwd+bwd_ms"] if name == "ours" else ours_ms
                 value = fn(_private(check) if "in-place" in name else check).item()
                 record.update(
@@ -108,10 +208,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 records.append({column: record[column] for column in report.COLUMNS})
                 bar.update()
-    header = _header(device, tokens, hidden, repeats, bandwidth, first_write)
+    header = _header(
+        device, settings.tokens, settings.hidden, settings.repeats, bandwidth, first_write
+    )
     print(report.markdown(records, header))
-    if args.out:
-        for path in report.write(records, header, args.out):
+    if settings.out:
+        for path in report.write(records, header, settings.out):
             print(f"wrote {path}")
     return records
 
