@@ -12,7 +12,9 @@ Inputs are never modified.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +156,21 @@ def _state(model: StateDict | nn.Module, name: str) -> dict[str, Tensor]:
     return dict(model)
 
 
-Header = tuple[tuple[int, ...], torch.dtype]
+class Header(NamedTuple):
+    """A tensor's shape and dtype: all that the checks of two models need, read from a tensor in
+    memory or from a checkpoint file's header without loading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> Header:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def check_headers(
@@ -210,7 +226,7 @@ def _check_compatible(
     base: dict[str, Tensor], finetuned: dict[str, Tensor], *, allow_dtype_mismatch: bool
 ) -> None:
     def headers(state: dict[str, Tensor]) -> dict[str, Header]:
-        return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+        return {name: Header.of(t) for name, t in state.items()}
 
     differing = tuple(
         name
