@@ -76,9 +76,12 @@ def _worker(rank: int, args, paths: tuple[str, ...], init_file: str, result_file
     )
     rows /= args.hidden**0.5
     group = dist.group.WORLD
-    for loss in args.losses:  # imports and first calls on a few tokens, before the baseline
+    # Imports and first calls on a few tokens and rows, before the baseline: the whole-size head
+    # (gathered) or logits would otherwise sit in the baseline.
+    few = labels[:, :3] % (4 * WORLD)
+    for loss in args.losses:
         for path in paths:
-            _step(loss, path, hidden[:, :3], rows, labels[:, :3], ref_logprobs[:, :2], group)
+            _step(loss, path, hidden[:, :3], rows[:4], few, ref_logprobs[:, :2], group)
     baseline = peak_rss_bytes()
     results = {}
     for loss in args.losses:
