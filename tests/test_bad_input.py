@@ -1,4 +1,4 @@
-"""Every refused input raises TypeError or ValueError naming the argument (SPEC §6)."""
+"""Every refused input raises TypeError or ValueError naming the argument (docs/contract.md §6)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The compat functions against transcriptions of the published trainers' semantics.
 
 Each transcription below restates, in plain float32 PyTorch, what the trainer code computes from
-its model outputs (SEED.md for SOUL; SPEC §4 for open-unlearning).
+its model outputs (SOUL's trainer code, arXiv 2404.18239; docs/contract.md §4 for open-unlearning).
 """
 
 from __future__ import annotations

@@ -71,13 +71,29 @@ def test_every_integer_label_dtype_equals_int64_to_the_bit(dtype, backend):
         want.sum().backward()
         assert torch.equal(x.grad, y.grad), name
     assert ul.global_counts(narrow) == ul.global_counts(wide)
-    hidden = torch.randn(2, 7, 4)
-    assert torch.equal(
-        ul.rmu_loss(
-            hidden, hidden, hidden, torch.ones(4), forget_labels=narrow, retain_labels=narrow
-        ),
-        ul.rmu_loss(hidden, hidden, hidden, torch.ones(4), forget_labels=wide, retain_labels=wide),
-    )
+    # RMU's two halves read their own labels. The retain activations differ from their
+    # reference, so the retain term depends on which positions the retain labels select (with
+    # one tensor for both it would be 0 whatever they select, and that half could not fail).
+    forget, retain, ref_retain = torch.randn(3, 2, 7, 4, generator=torch.Generator().manual_seed(1))
+
+    def rmu(forget_labels, retain_labels):
+        return ul.rmu_loss(
+            forget,
+            retain,
+            ref_retain,
+            torch.ones(4),
+            forget_labels=forget_labels,
+            retain_labels=retain_labels,
+        )
+
+    as_int64 = rmu(wide, wide)
+    assert torch.equal(rmu(narrow, wide), as_int64), "forget_labels"
+    assert torch.equal(rmu(wide, narrow), as_int64), "retain_labels"
+    # Each half counts position (1, 2), labelled 156 (28 as int8): ignoring it changes the loss.
+    dropped = wide.clone()
+    dropped[1, 2] = -100
+    assert not torch.equal(rmu(dropped, wide), as_int64)
+    assert not torch.equal(rmu(wide, dropped), as_int64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])

@@ -84,13 +84,14 @@ def align(
     vocab_parallel: bool = True,
     hidden: bool = False,
 ) -> Tokens:
-    """Validate ``logits``/``labels`` and align them per the shift convention (SPEC §1).
+    """Validate ``logits``/``labels`` and align them by the shift convention (docs/contract.md §1).
 
     For the fused-linear losses ``logits`` is the hidden states (``hidden=True``) and
     ``vocab_size`` comes from the head. With ``vocab_group`` the logits are this rank's shard of
     the vocabulary, and labels index the whole of it; with ``sequence_group`` every sequence's
     positions are split over that group. DTensor logits bring their groups in their placements
-    (SPEC §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without that path).
+    (docs/contract.md §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without
+    that path).
     """
     _checks.check_bool(shift, "shift")
     _checks.check_bool(validate, "validate")

@@ -1,4 +1,4 @@
-"""SOUL's unlearning trainers (GA+FT, GA+KL, KL, NPO, and the seed's KL+FT), computed from logits.
+"""SOUL's unlearning trainers (GA+FT, GA+KL, KL, NPO, and the KL+FT of the SOUL paper's supplementary note), computed from logits.
 
 Their ``compute_loss`` methods combine Hugging Face ``outputs.loss`` (the token-mean NLL under the
 causal-LM shift) of a forget and a retain batch. The functions here give the same numbers through
@@ -69,7 +69,7 @@ def kl_ft_loss(
     ignore_index: int = -100,
     backend: Backend = "auto",
 ) -> Tensor:
-    r"""The seed's KL+FT: $-\gamma H_f + L_r$.
+    r"""SOUL's KL+FT (its paper's supplementary note): $-\gamma H_f + L_r$.
 
     Quirks kept: SOUL's "kl_loss" $H$ is a cross-entropy,
     $-\sum_v p_\theta(v) \log(p_{ref}(v) + 10^{-12})$, not a KL divergence, averaged over

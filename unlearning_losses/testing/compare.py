@@ -1,9 +1,10 @@
 """A loss against its float64 reference: values and gradients, with tolerances from the dtype.
 
-The tolerances follow from how the library computes (SPEC §1): values accumulate in float32
-whatever the logits' dtype (float64 stays float64), and each gradient element is rounded once to
-the logits' dtype. On top comes the problem's own conditioning: ``log p = z - logsumexp(z)`` in
-the accumulation dtype is exact only to ``eps * |z|``, so logits of 1e4 allow that much more.
+The tolerances follow from how the library computes (docs/contract.md §1): values accumulate in
+float32 whatever the logits' dtype (float64 stays float64), and each gradient element is rounded
+once to the logits' dtype. On top comes the problem's own conditioning:
+``log p = z - logsumexp(z)`` in the accumulation dtype is exact only to ``eps * |z|``, so logits
+of 1e4 allow that much more.
 """
 
 from __future__ import annotations
