@@ -131,7 +131,7 @@ def test_out_of_range_label_is_never_read_and_gives_nan():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("primitive", ["logprobs", "forward", "reverse"])
+@pytest.mark.parametrize("primitive", ["logprobs", "forward", "reverse", "undial"])
 def test_inplace_backward_writes_the_same_gradient_into_the_logits(backend, primitive):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(2, 6, 37, generator=g).to(DEVICE)
@@ -142,6 +142,8 @@ def test_inplace_backward_writes_the_same_gradient_into_the_logits(backend, prim
     def loss(x, inplace):
         if primitive == "logprobs":
             return token_logprobs(x, labels, backend=backend, inplace_backward=inplace).sum()
+        if primitive == "undial":
+            return undial_loss(x, ref_logits, labels, backend=backend, inplace_backward=inplace)
         return kl_divergence(
             x, ref_logits, labels, direction=primitive, backend=backend, inplace_backward=inplace
         )

@@ -647,9 +647,21 @@ def linear_kl_loss(
     ref_hidden: Tensor,
     ref_weight: Tensor | None = None,
     labels: Tensor | None = None,
-    **options,
+    *,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    direction: Direction = "forward",
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_rows: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    vocab_group: object = None,
+    validate: bool = False,
 ) -> Tensor:
-    """The KL forget term: the negative of :func:`linear_kl_divergence`.
+    """The KL forget term: the negative of :func:`linear_kl_divergence`, with its arguments.
 
     Args:
         hidden: {hidden}
@@ -657,7 +669,19 @@ def linear_kl_loss(
         ref_hidden: the reference model's hidden states, shaped like ``hidden``.
         ref_weight: the reference's head (default: ``weight``).
         labels: selects positions, as in :func:`linear_kl_divergence`.
-        **options: the keyword arguments of :func:`linear_kl_divergence`.
+        bias: {bias}
+        ref_bias: the reference's optional bias (default: ``bias`` when ``ref_weight`` is
+            omitted: a shared head shares its bias).
+        direction: ``"forward"`` (KL(P_theta || P_ref)) or ``"reverse"``.
+        ignore_index: {ignore_index}
+        shift: {shift}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        chunk_rows: {chunk_rows}
+        logit_scale: {logit_scale}
+        logit_softcap: {logit_softcap}
+        vocab_group: {head_vocab_group}
+        validate: {validate}
 
     Returns:
         Minus :func:`linear_kl_divergence`.
@@ -669,7 +693,25 @@ def linear_kl_loss(
         >>> linear_kl_loss(hidden, head, hidden, labels=labels)  # minus the KL, here of P to itself
         tensor(-0.)
     """
-    return -linear_kl_divergence(hidden, weight, ref_hidden, ref_weight, labels, **options)
+    return -linear_kl_divergence(
+        hidden,
+        weight,
+        ref_hidden,
+        ref_weight,
+        labels,
+        bias=bias,
+        ref_bias=ref_bias,
+        direction=direction,
+        ignore_index=ignore_index,
+        shift=shift,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        chunk_rows=chunk_rows,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        vocab_group=vocab_group,
+        validate=validate,
+    )
 
 
 def _reference(weight, bias, ref_hidden, ref_weight, ref_bias, tokens, vocab):

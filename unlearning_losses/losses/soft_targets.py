@@ -5,6 +5,8 @@ constant target distribution Q to the model. Q is a softmax of logits with the l
 lowered: by ``beta`` on the reference model's logits (UNDIAL) or removed from the model's own
 detached logits (CE-U). One fused pass forward, one backward (the Triton KL kernels in their
 soft-target mode on CUDA, the chunked path elsewhere); the gradient w.r.t. the logits is ``p - q``.
+UNDIAL takes ``inplace_backward``; CE-U cannot: its target is the model's own logits, which the
+backward reads while it writes the gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def _soft_target_mean(
     num_items_in_batch: int | Tensor | None,
     backend: str,
     validate: bool,
+    inplace_backward: bool = False,
 ) -> Tensor:
     tokens = _tokens.align(
         logits,
@@ -57,6 +60,7 @@ def _soft_target_mean(
         tokens.valid,
         label_shift=label_shift,
         backend=backend,
+        inplace_backward=inplace_backward,
     )
     return tokens.unflatten(
         token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
@@ -76,6 +80,7 @@ def undial_loss(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""UNDIAL forget loss: self-distillation toward the reference with the label's logit lowered.
 
@@ -102,6 +107,7 @@ def undial_loss(
         num_items_in_batch: {num_items_in_batch}
         backend: {backend}
         validate: {validate}
+        inplace_backward: {inplace_backward}
 
     Example:
         >>> import math, torch
@@ -123,6 +129,7 @@ def undial_loss(
         num_items_in_batch,
         backend,
         validate,
+        inplace_backward,
     )
 
 

@@ -101,6 +101,7 @@ def soft_target_cross_entropy(
     *,
     label_shift: float,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     """-sum_v q_v log p_v per row of ``[:, :L]``, Q = softmax(ref_logits - label_shift * onehot).
 
@@ -109,7 +110,7 @@ def soft_target_cross_entropy(
     """
     which = resolve_backend(backend, logits)
     mode = PairMode.SOFT_TARGET.value
-    args = (logits, ref_logits, targets, valid, mode, float(label_shift), which, False)
+    args = (logits, ref_logits, targets, valid, mode, float(label_shift), which, inplace_backward)
     return custom_ops.two_distributions(*args)[0]
 
 
