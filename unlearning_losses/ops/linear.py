@@ -28,8 +28,8 @@ from .numerics import (
     PairMode,
     accumulation_dtype,
     floored_logprob,
+    kl_gradient,
     label_gradient_,
-    pair_gradient,
     pair_scores,
     pair_value,
 )
@@ -405,9 +405,10 @@ class LinearTokenKL(torch.autograd.Function):
             z = _logits(scored, weight, bias, acc, ctx.logit_map)
             logp = z.log_softmax(-1)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
-            logq = _logits(ref_rows, ref_weight, ref_bias, acc, ctx.logit_map).log_softmax(-1)
+            ref_z = _logits(ref_rows, ref_weight, ref_bias, acc, ctx.logit_map)
+            logq = ref_z.log_softmax(-1)
             weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
-            grad_logits = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
+            grad_logits = kl_gradient(logp, weights, scores, kl[b, t], ctx.mode, z, ref_z)
             grad_logits = _chain_(grad_logits, z, ctx.logit_map)
             grads.add(b, t, scored, weight, grad_logits.mul_(scale[b, t, None]))
         return (*grads.result(weight, bias), None, None, None, None, None, None, None)
@@ -524,7 +525,7 @@ class LinearKLSum(torch.autograd.Function):
                 logp, logq = block.log_softmax(-1), ref_block.log_softmax(-1)
                 weights, scores = pair_scores(logp, logq, mode, 0.0)
                 kl = pair_value(weights, scores)
-                grad_logits = pair_gradient(logp, weights, scores, kl, mode)
+                grad_logits = kl_gradient(logp, weights, scores, kl, mode, block, ref_block)
                 total += (kl[:, None] * chunk_coefficient[rows]).sum()
                 if grads is not None:
                     grad_logits = _chain_(grad_logits, block, logit_map)

@@ -134,3 +134,25 @@ def pair_gradient(
     if mode == PairMode.SOFT_TARGET:  # the scores are -log p
         return scores.neg_().exp_().sub_(weights)
     return logp.exp_().sub_(weights)  # log p was floored in place: exp(lowest) = 0
+
+
+def kl_gradient(
+    logp: Tensor,
+    weights: Tensor,
+    scores: Tensor,
+    value: Tensor,
+    mode: PairMode,
+    logits: Tensor,
+    ref_logits: Tensor,
+) -> Tensor:
+    """d value / d logits of a KL chunk, as :func:`pair_gradient` (overwrites its inputs and
+    ``ref_logits``), but the forward KL's from the logits themselves: ``p (d - sum_v p_v d_v)``
+    with ``d = z - z_ref``, the log-ratio up to a row constant that the centring removes. Where P
+    is near Q, ``log p - log q`` of two log-softmaxes cancels to a few digits; ``d`` keeps them.
+    ``-inf`` logits are floored first, so their zero probabilities meet finite differences."""
+    if mode != PairMode.KL_FORWARD:
+        return pair_gradient(logp, weights, scores, value, mode)
+    floor = torch.finfo(ref_logits.dtype).min
+    delta = torch.sub(logits.clamp_min(floor), ref_logits.clamp_min_(floor), out=ref_logits)
+    centre = torch.linalg.vecdot(weights, delta)
+    return delta.sub_(centre[..., None]).mul_(weights)

@@ -46,6 +46,14 @@ def _global_lse(local_lse: Tensor, group: object, extra: Tensor | None = None):
     return (lse, partial[-1]) if extra is not None else (lse, None)
 
 
+def _floored_difference(logits: Tensor, ref_logits: Tensor, b: slice, t: slice) -> Tensor:
+    """``z - z_ref`` of a chunk in the accumulation dtype, ``-inf`` floored on both sides (a zero
+    probability then meets a finite difference); NaN stays NaN."""
+    acc = accumulation_dtype(logits.dtype)
+    floor = torch.finfo(acc).min
+    return logits[b, t].to(acc).clamp_min(floor).sub_(ref_logits[b, t].to(acc).clamp_min(floor))
+
+
 class VocabParallelLogprobs(torch.autograd.Function):
     """log p(target) per row of ``logits[:, :L]``, the vocabulary sharded over ``group``."""
 
@@ -117,14 +125,21 @@ class VocabParallelTokenKL(torch.autograd.Function):
             local_lse[0, b, t] = torch.logsumexp(logits[b, t].to(acc), -1)
             local_lse[1, b, t] = torch.logsumexp(ref_logits[b, t].to(acc), -1)
         (lse, ref_lse), _ = _global_lse(local_lse, group)
-        partial = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        # The KL's partial sums and, for the forward KL's gradient, those of sum_v p_v d_v with
+        # d = z - z_ref (see ``numerics.kl_gradient``), joined in one all_reduce.
+        partial = torch.zeros((2, *valid.shape), dtype=acc, device=logits.device)
         for b, t in row_chunks(groups, local_vocab):
             logp = logits[b, t].to(acc) - lse[b, t, None]
             logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            partial[b, t] = pair_value(*pair_scores(logp, logq, mode, 0.0))
+            weights, scores = pair_scores(logp, logq, mode, 0.0)
+            partial[0, b, t] = pair_value(weights, scores)
+            if mode == PairMode.KL_FORWARD:
+                partial[1, b, t] = pair_value(
+                    weights, _floored_difference(logits, ref_logits, b, t)
+                )
         dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
-        kl = torch.where(valid, partial, 0.0)
-        ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl)
+        kl = torch.where(valid, partial[0], 0.0)
+        ctx.save_for_backward(logits, ref_logits, valid, lse, ref_lse, kl, partial[1])
         ctx.groups, ctx.mode = groups, mode
         return kl
 
@@ -132,16 +147,20 @@ class VocabParallelTokenKL(torch.autograd.Function):
     @once_differentiable
     @without_autocast
     def backward(ctx: Any, grad_out: Tensor):
-        logits, ref_logits, valid, lse, ref_lse, kl = ctx.saved_tensors
+        logits, ref_logits, valid, lse, ref_lse, kl, centre = ctx.saved_tensors
         acc = kl.dtype
         grad = torch.empty_like(logits)
         zero_outside(grad, ctx.groups)
         scale = torch.where(valid, grad_out.to(acc), 0.0)
         for b, t in row_chunks(ctx.groups, logits.shape[-1]):
             logp = logits[b, t].to(acc) - lse[b, t, None]
-            logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
-            weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
-            inner = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
+            if ctx.mode == PairMode.KL_FORWARD:  # p (d - sum_v p_v d_v), the sum over every rank
+                delta = _floored_difference(logits, ref_logits, b, t)
+                inner = delta.sub_(centre[b, t, None]).mul_(logp.exp_())
+            else:
+                logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
+                weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
+                inner = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
             inner.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
