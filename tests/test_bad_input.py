@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,42 +14,40 @@ from unlearning_losses import (
     dpo_loss,
     ga_loss,
     global_counts,
-    idk_loss,
     kl_divergence,
     kl_loss,
-    nll_loss,
     npo_loss,
     rmu_control_vector,
     rmu_loss,
     satimp_loss,
     simnpo_loss,
     tnpo_loss,
-    token_logprobs,
     undial_loss,
     wga_loss,
 )
 from unlearning_losses.compat import open_unlearning, soul
+from unlearning_losses.testing import Batch, Entry, entries, entry
 
 LOGITS = torch.randn(4, 6, 10)
 LABELS = torch.randint(0, 10, (4, 6))
 REF = torch.randn(4, 6, 10)
 META = torch.empty(4, 6, 10, device="meta")
 
+# Every loss of logits and labels that takes the common options, but DPO: its standard call
+# forms the rejected answer's logits as 0.5 * logits (a list fails there), and its messages name
+# chosen_logits and chosen_labels; test_dpo_refuses checks its arguments.
 LABEL_FUNCTIONS = {
-    "token_logprobs": lambda x, y, **kw: token_logprobs(x, y, **kw),
-    "ga_loss": lambda x, y, **kw: ga_loss(x, y, **kw),
-    "nll_loss": lambda x, y, **kw: nll_loss(x, y, **kw),
-    "npo_loss": lambda x, y, **kw: npo_loss(x, y, ref_logprobs=torch.zeros(y.shape[0], 5), **kw),
-    "simnpo_loss": lambda x, y, **kw: simnpo_loss(x, y, **kw),
-    "kl_divergence": lambda x, y, **kw: kl_divergence(x, REF, y, **kw),
-    "kl_loss": lambda x, y, **kw: kl_loss(x, REF, y, **kw),
-    "idk_loss": lambda x, y, **kw: idk_loss(x, y, **kw),
-    "wga_loss": lambda x, y, **kw: wga_loss(x, y, **kw),
-    "satimp_loss": lambda x, y, **kw: satimp_loss(x, y, **kw),
-    "tnpo_loss": lambda x, y, **kw: tnpo_loss(x, y, ref_logprobs=torch.zeros(y.shape[0], 5), **kw),
-    "undial_loss": lambda x, y, **kw: undial_loss(x, REF, y, **kw),
-    "ceu_loss": lambda x, y, **kw: ceu_loss(x, y, **kw),
+    e.name: e
+    for e in entries("logits", takes=("backend", "ignore_index"))
+    if e.labelled and e.function is not dpo_loss
 }
+
+
+def _call(e: Entry, logits, labels, **kw):
+    """``e`` on ``logits`` and ``labels``, the reference's log-probs of the labels' shape."""
+    ref_logprobs = torch.zeros(labels.shape[0], 5)
+    return e(logits, Batch(labels, ref_logits=REF, ref_logprobs=ref_logprobs), **kw)
+
 
 COMMON_CASES = [
     ("int_logits", lambda f: f(LOGITS.long(), LABELS), TypeError, r"logits must be float16"),
@@ -123,10 +122,10 @@ COMMON_CASES = [
 )
 def test_every_labelled_function_refuses(function, call, error, message):
     with pytest.raises(error, match=message):
-        call(LABEL_FUNCTIONS[function])
+        call(partial(_call, LABEL_FUNCTIONS[function]))
 
 
-REDUCED = sorted(LABEL_FUNCTIONS.keys() - {"token_logprobs"})
+REDUCED = sorted(e.name for e in entries("logits", takes="reduction") if e.labelled)
 
 
 @pytest.mark.parametrize("function", REDUCED)
@@ -134,10 +133,10 @@ def test_unknown_reduction(function):
     with pytest.raises(
         ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'; got 'avg'"
     ):
-        LABEL_FUNCTIONS[function](LOGITS, LABELS, reduction="avg")
+        _call(entry(function), LOGITS, LABELS, reduction="avg")
 
 
-TOKEN_MEANS = sorted(LABEL_FUNCTIONS.keys() - {"token_logprobs", "npo_loss", "simnpo_loss"})
+TOKEN_MEANS = sorted(e.name for e in entries("logits", takes="num_items_in_batch") if e.labelled)
 
 
 @pytest.mark.parametrize("function", TOKEN_MEANS)
@@ -156,7 +155,7 @@ TOKEN_MEANS = sorted(LABEL_FUNCTIONS.keys() - {"token_logprobs", "npo_loss", "si
 )
 def test_bad_num_items_in_batch(function, value, error, message):
     with pytest.raises(error, match=message):
-        LABEL_FUNCTIONS[function](LOGITS, LABELS, num_items_in_batch=value)
+        _call(entry(function), LOGITS, LABELS, num_items_in_batch=value)
 
 
 def test_num_items_in_batch_needs_mean_reduction():

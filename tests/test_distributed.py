@@ -8,28 +8,15 @@ primitive's. Every rank builds the same seeded inputs, so each can compute the f
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
 from ranks import run_on_ranks
 
-from unlearning_losses import (
-    ceu_loss,
-    dpo_loss,
-    ga_loss,
-    global_counts,
-    idk_loss,
-    kl_divergence,
-    kl_loss,
-    nll_loss,
-    npo_loss,
-    satimp_loss,
-    simnpo_loss,
-    tnpo_loss,
-    token_logprobs,
-    undial_loss,
-    wga_loss,
-)
+from unlearning_losses import ga_loss, global_counts, kl_divergence, token_logprobs
+from unlearning_losses.testing import Batch, entries
 
 WORLD = 2
 RTOL = 1e-6
@@ -54,23 +41,12 @@ def _inputs(vocab: int, dtype: torch.dtype = torch.float32):
 
 
 def _data_parallel_losses(counts):
-    tokens, sequences = counts.tokens, counts.sequences
+    """Every loss of labelled logits that takes a global count, as ``f(logits, batch)``."""
+    given = {"num_items_in_batch": counts.tokens, "num_sequences": counts.sequences}
     return {
-        "ga": lambda x, y, r: ga_loss(x, y, num_items_in_batch=tokens),
-        "nll": lambda x, y, r: nll_loss(x, y, num_items_in_batch=tokens),
-        "kl": lambda x, y, r: kl_divergence(x, r, y, num_items_in_batch=tokens),
-        "kl_reverse": lambda x, y, r: kl_loss(
-            x, r, y, direction="reverse", num_items_in_batch=tokens
-        ),
-        "npo": lambda x, y, r: npo_loss(x, y, ref_logits=r, num_sequences=sequences),
-        "npo_token": lambda x, y, r: npo_loss(
-            x, y, ref_logits=r, granularity="token", num_items_in_batch=tokens
-        ),
-        "simnpo": lambda x, y, r: simnpo_loss(x, y, num_sequences=sequences),
-        "wga": lambda x, y, r: wga_loss(x, y, num_items_in_batch=tokens),
-        "tnpo": lambda x, y, r: tnpo_loss(x, y, ref_logits=r, num_items_in_batch=tokens),
-        "undial": lambda x, y, r: undial_loss(x, r, y, num_items_in_batch=tokens),
-        "ceu": lambda x, y, r: ceu_loss(x, y, num_items_in_batch=tokens),
+        e.name: partial(e, **{e.count: given[e.count]})
+        for e in entries("logits")
+        if e.labelled and e.count is not None
     }
 
 
@@ -82,10 +58,11 @@ def _check_data_parallel(rank: int) -> None:
     scored = labels[:, 1:] != -100
     assert int(counts.tokens) == int(scored.sum())
     assert int(counts.sequences) == int(scored.any(-1).sum())
+    batch = Batch(labels, ref_logits, token_logprobs(ref_logits, labels))
     for name, loss in _data_parallel_losses(counts).items():
-        full = loss(hidden @ head.T, labels, ref_logits)
+        full = loss(hidden @ head.T, batch)
         (full_grad,) = torch.autograd.grad(full, head)
-        part = loss(hidden[rows] @ head.T, labels[rows], ref_logits[rows])
+        part = loss(hidden[rows] @ head.T, batch.rows(rows))
         (part_grad,) = torch.autograd.grad(part, head)
         summed = part.detach().clone()
         dist.all_reduce(summed)
@@ -105,36 +82,33 @@ def _weighted_sum(values: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     return (values * upstream.flatten()[: values.numel()].reshape(values.shape)).sum()
 
 
-def _vocab_parallel_losses(labels: torch.Tensor, ref_logprobs: torch.Tensor):
-    """Every loss with a vocabulary-parallel path, as ``f(logits, ref_logits, **kw)``."""
-    return {
-        "token_logprobs": lambda x, r, **kw: token_logprobs(x, labels, **kw),
-        "ga": lambda x, r, **kw: ga_loss(x, labels, **kw),
-        "nll": lambda x, r, **kw: nll_loss(x, labels, reduction="sum", **kw),
-        "idk": lambda x, r, **kw: idk_loss(x, labels, **kw),
-        "kl_forward": lambda x, r, **kw: kl_divergence(x, r, labels, reduction="none", **kw),
-        "kl_reverse": lambda x, r, **kw: kl_divergence(
-            x, r, labels, direction="reverse", reduction="none", **kw
-        ),
-        "kl_loss": lambda x, r, **kw: kl_loss(x, r, labels, **kw),
-        "npo": lambda x, r, **kw: npo_loss(x, labels, ref_logits=r, reduction="none", **kw),
-        "npo_ref_logprobs": lambda x, r, **kw: npo_loss(
-            x, labels, ref_logprobs=ref_logprobs, granularity="token", **kw
-        ),
-        "simnpo": lambda x, r, **kw: simnpo_loss(x, labels, reduction="none", **kw),
-        "dpo": lambda x, r, **kw: dpo_loss(
-            x,
-            labels,
-            0.5 * x,
-            labels,
-            ref_chosen_logits=r,
-            ref_rejected_logprobs=ref_logprobs,
-            **kw,
-        ),
-        "wga": lambda x, r, **kw: wga_loss(x, labels, reduction="none", **kw),
-        "satimp": lambda x, r, **kw: satimp_loss(x, labels, **kw),
-        "tnpo": lambda x, r, **kw: tnpo_loss(x, labels, ref_logits=r, **kw),
-    }
+# Reductions other than the mean whose vocabulary-parallel path is their own.
+OTHER_REDUCTIONS = {
+    "nll_loss": "sum",
+    "kl_divergence": "none",
+    "kl_divergence[reverse]": "none",
+    "kl_divergence[labels=None]": "none",
+    "npo_loss[ref_logits]": "none",
+    "simnpo_loss": "none",
+    "wga_loss": "none",
+}
+
+
+def _vocab_parallel_losses(labels: torch.Tensor, ref_logprobs, labelled: bool):
+    """Every loss of logits with a vocabulary-parallel path that reads labels (or none), as
+    ``f(logits, ref_logits, **kw)``; those in ``OTHER_REDUCTIONS`` with that reduction too."""
+
+    def on(e, **fixed):
+        return lambda x, r, **kw: e(x, Batch(labels, r, ref_logprobs), **fixed, **kw)
+
+    table = {}
+    for e in entries("logits", takes="vocab_group"):
+        if e.labelled == labelled:
+            table[e.name] = on(e)
+            if e.name in OTHER_REDUCTIONS:
+                reduction = OTHER_REDUCTIONS[e.name]
+                table[f"{e.name}, reduction={reduction}"] = on(e, reduction=reduction)
+    return table
 
 
 def _check_vocab_parallel(rank: int, widths: tuple[int, ...]) -> None:
@@ -166,13 +140,12 @@ def _check_vocab_parallel(rank: int, widths: tuple[int, ...]) -> None:
         _close(shard.grad, full_input.grad[..., columns], f"{what}: gradient", rtol=1e-12)
         return shard.grad
 
-    # Every position counts here, so it takes the logits before the NaN padding row.
-    check(
-        "kl_all_positions", lambda x, r, **kw: kl_divergence(x, r, reduction="none", **kw), logits
-    )
+    # Every position counts without labels, so those take the logits before the NaN padding row.
+    for name, fn in _vocab_parallel_losses(labels, None, labelled=False).items():
+        check(name, fn, logits)
     logits[2, 2] = float("nan")
     ref_logprobs = token_logprobs(ref_logits, labels)
-    for name, fn in _vocab_parallel_losses(labels, ref_logprobs).items():
+    for name, fn in _vocab_parallel_losses(labels, ref_logprobs, labelled=True).items():
         grad = check(name, fn, logits)
         assert not grad[2, 2].isnan().any(), f"{name}: an ignored NaN row gets gradient 0"
 

@@ -9,6 +9,8 @@ Placements the losses cannot map are refused with the argument and the placement
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from ranks import run_on_ranks
@@ -16,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import unlearning_losses as ul
+from unlearning_losses.testing import Batch, entries, entry
 
 WORLD = 4
 B, T, V = 4, 6, 11
@@ -39,43 +42,20 @@ def _inputs():
 
 
 def _losses(shift: bool):
-    """name -> f(logits, ref_logits, labels, ref_logprobs); every input may be a DTensor."""
-    kw = {"shift": shift}
+    """name -> f(logits, batch): every loss of logits with a vocabulary-parallel path, and a
+    sum; every tensor may be a DTensor."""
+    table = {e.name: partial(e, shift=shift) for e in entries("logits", takes="vocab_group")}
     return {
-        "ga": lambda x, r, y, lp: ul.ga_loss(x, y, **kw),
-        "nll_sum": lambda x, r, y, lp: ul.nll_loss(x, y, reduction="sum", **kw),
-        "kl_forward": lambda x, r, y, lp: ul.kl_divergence(x, r, y, **kw),
-        "kl_reverse": lambda x, r, y, lp: ul.kl_loss(x, r, y, direction="reverse", **kw),
-        "npo_ref_logits": lambda x, r, y, lp: ul.npo_loss(x, y, ref_logits=r, **kw),
-        "npo_ref_logprobs": lambda x, r, y, lp: ul.npo_loss(x, y, ref_logprobs=lp, **kw),
-        "npo_sequence_mean": lambda x, r, y, lp: ul.npo_loss(
-            x, y, ref_logprobs=lp, granularity="sequence_mean", **kw
-        ),
-        "npo_token": lambda x, r, y, lp: ul.npo_loss(
-            x, y, ref_logprobs=lp, granularity="token", **kw
-        ),
-        "npo_batch": lambda x, r, y, lp: ul.npo_loss(
-            x, y, ref_logprobs=lp, granularity="batch", **kw
-        ),
-        "simnpo": lambda x, r, y, lp: ul.simnpo_loss(x, y, **kw),
-        "dpo": lambda x, r, y, lp: ul.dpo_loss(
-            x, y, 0.5 * x, y, ref_chosen_logits=r, ref_rejected_logprobs=lp, **kw
-        ),
-        "idk": lambda x, r, y, lp: ul.idk_loss(x, y, **kw),
-        "satimp": lambda x, r, y, lp: ul.satimp_loss(x, y, **kw),
-        "wga": lambda x, r, y, lp: ul.wga_loss(x, y, **kw),
-        "tnpo": lambda x, r, y, lp: ul.tnpo_loss(x, y, ref_logprobs=lp, **kw),
+        **table,
+        "nll_loss, reduction=sum": partial(entry("nll_loss"), shift=shift, reduction="sum"),
     }
 
 
 def _per_token_losses(shift: bool):
-    """Losses whose ``reduction="none"`` result is per token or per sequence."""
-    kw = {"shift": shift, "reduction": "none"}
+    """Those losses with ``reduction="none"``: per token or per sequence."""
     return {
-        "token_logprobs": lambda x, r, y, lp: ul.token_logprobs(x, y, shift=shift),
-        "ga_none": lambda x, r, y, lp: ul.ga_loss(x, y, **kw),
-        "npo_none": lambda x, r, y, lp: ul.npo_loss(x, y, ref_logprobs=lp, **kw),
-        "simnpo_none": lambda x, r, y, lp: ul.simnpo_loss(x, y, **kw),
+        f"{e.name}, reduction=none": partial(e, shift=shift, reduction="none")
+        for e in entries("logits", takes=("vocab_group", "reduction"))
     }
 
 
@@ -94,12 +74,12 @@ def _check_placements(mesh, placements, shift: bool, names=None) -> None:
             continue
         what = f"{name} with {placements}"
         full = logits.clone().requires_grad_(True)
-        expected = fn(full, ref_logits, labels, ref_logprobs)
+        expected = fn(full, Batch(labels, ref_logits, ref_logprobs))
         weights = torch.linspace(0.5, 1.5, expected.numel(), dtype=expected.dtype)
         (expected * weights.reshape(expected.shape)).sum().backward()
 
         sharded = distribute_tensor(logits, mesh, placements).requires_grad_(True)
-        got = fn(sharded, d_ref, d_labels, d_ref_logprobs)
+        got = fn(sharded, Batch(d_labels, d_ref, d_ref_logprobs))
         if expected.dim() == 0:
             assert not isinstance(got, DTensor), what  # a plain scalar, equal on every rank
             _close(got.detach(), expected.detach(), what)

@@ -4,42 +4,22 @@ and counts and flags of the wrong kind."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import unlearning_losses as ul
+from unlearning_losses.testing import Batch, entries, entry
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def _losses(labels, ref_logits, ref_logprobs, backend):
-    """Every loss of logits, as a function of the model's logits."""
-    kw = {"backend": backend}
+    """Every loss of logits that takes a backend, as a function of the model's logits."""
+    batch = Batch(labels, ref_logits, ref_logprobs)
     return {
-        "token_logprobs": lambda x: ul.token_logprobs(x, labels, **kw),
-        "ga": lambda x: ul.ga_loss(x, labels, **kw),
-        "nll": lambda x: ul.nll_loss(x, labels, **kw),
-        "idk": lambda x: ul.idk_loss(x, labels, **kw),
-        "npo_ref_logprobs": lambda x: ul.npo_loss(x, labels, ref_logprobs=ref_logprobs, **kw),
-        "npo_ref_logits": lambda x: ul.npo_loss(x, labels, ref_logits=ref_logits, **kw),
-        "simnpo": lambda x: ul.simnpo_loss(x, labels, **kw),
-        "kl": lambda x: ul.kl_divergence(x, ref_logits, labels, **kw),
-        "kl_all_positions": lambda x: ul.kl_divergence(x, ref_logits, **kw),
-        "kl_loss_reverse": lambda x: ul.kl_loss(x, ref_logits, labels, direction="reverse", **kw),
-        "dpo": lambda x: ul.dpo_loss(
-            x,
-            labels,
-            0.5 * x,
-            labels,
-            ref_chosen_logits=ref_logits,
-            ref_rejected_logprobs=ref_logprobs,
-            **kw,
-        ),
-        "wga": lambda x: ul.wga_loss(x, labels, **kw),
-        "satimp": lambda x: ul.satimp_loss(x, labels, **kw),
-        "tnpo": lambda x: ul.tnpo_loss(x, labels, ref_logits=ref_logits, **kw),
-        "undial": lambda x: ul.undial_loss(x, ref_logits, labels, **kw),
-        "ceu": lambda x: ul.ceu_loss(x, labels, **kw),
+        e.name: partial(e, batch=batch, backend=backend) for e in entries("logits", takes="backend")
     }
 
 
@@ -118,7 +98,11 @@ def test_references_and_labels_from_inference_mode_work_as_constants(backend, co
     table = _losses(frozen_labels, frozen_ref, frozen_ref_logprobs, backend)
     # Compiled, a reference the backward must read (KL, UNDIAL) cannot come from inference mode:
     # the compiled graph saves its inputs itself (PyTorch's compiled F.kl_div fails alike).
-    names = ["ga", "npo_ref_logits", "npo_ref_logprobs", "tnpo"] if compiled else list(table)
+    names = (
+        ["ga_loss", "npo_loss[ref_logits]", "npo_loss", "tnpo_loss[ref_logits]"]
+        if compiled
+        else list(table)
+    )
     for name in names:
         fn = (
             torch.compile(table[name], backend="aot_eager", fullgraph=True)
@@ -222,7 +206,7 @@ def test_nan_logits_at_an_ignored_row_give_a_zero_gradient_on_every_backend(back
     ref_logprobs = ul.token_logprobs(clean_ref, labels)
     expected = _losses(labels, clean_ref, ref_logprobs, backend)
     for name, fn in _losses(labels, ref_logits, ref_logprobs, backend).items():
-        if name == "kl_all_positions":  # every row counts there: NaN in, NaN out
+        if not entry(name).labelled:  # every row counts there: NaN in, NaN out
             continue
         x, y = logits.clone().requires_grad_(), clean.clone().requires_grad_()
         got, want = fn(x), expected[name](y)
@@ -234,23 +218,36 @@ def test_nan_logits_at_an_ignored_row_give_a_zero_gradient_on_every_backend(back
 
 
 def _autocast_losses(labels, ref_logits, ref_logprobs, backend):
-    """``_losses`` and the losses of hidden states, as functions of float32 logits."""
+    """Every registered loss as a function of float32 logits: the losses of hidden states on
+    hidden states shifted by some of them, RMU on some of them as activations."""
     hidden = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(2))
     head = torch.randn(ref_logits.shape[-1], 8, generator=torch.Generator().manual_seed(3))
+    batch = Batch(
+        labels,
+        ref_logits,
+        ref_logprobs,
+        weight=head,
+        ref_hidden=hidden,
+        control_vector=head[0],
+    )
+    inputs = {
+        "logits": lambda x: x,
+        "hidden": lambda x: hidden + x[..., :8],
+        "activations": lambda x: x[..., :8],
+    }
+
+    def of_logits(e):
+        options = {"backend": backend} if "backend" in e.takes else {}
+        return lambda x: e(inputs[e.kind](x), batch, **options)
+
     return {
-        **_losses(labels, ref_logits, ref_logprobs, backend),
-        "logit_margin": lambda x: ul.logit_margin_loss(x, labels),
-        "linear_ga": lambda x: ul.linear_ga_loss(hidden + x[..., :8], head, labels),
-        "linear_npo": lambda x: ul.linear_npo_loss(
-            hidden + x[..., :8], head, labels, ref_hidden=hidden
-        ),
-        "linear_kl": lambda x: ul.linear_kl_divergence(
-            hidden + x[..., :8], head, hidden, labels=labels
-        ),
+        **{e.name: of_logits(e) for e in entries()},
+        # Paths the standard calls do not take: per-token values of a fused-linear loss, and
+        # RMU without labels on distinct forget and retain activations.
         "linear_kl_none": lambda x: ul.linear_kl_divergence(
             hidden + x[..., :8], head, hidden, labels=labels, reduction="none"
         ),
-        "rmu": lambda x: ul.rmu_loss(x[..., :8], x[..., 8:16], hidden, head[0]),
+        "rmu_unlabelled": lambda x: ul.rmu_loss(x[..., :8], x[..., 8:16], hidden, head[0]),
     }
 
 

@@ -19,6 +19,7 @@ from unlearning_losses import (
     simnpo_loss,
     token_logprobs,
 )
+from unlearning_losses.testing import Batch, entries, entry
 from unlearning_losses.testing import reference as ref
 from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
 from unlearning_losses.testing.strategies import batches
@@ -110,12 +111,15 @@ def test_simnpo_matches_reference(case, beta, delta):
     )
 
 
-def _all_losses(logits, labels, ref_logits, shift, reduction="mean"):
+REDUCED = [e for e in entries("logits", takes="reduction") if e.labelled]
+
+
+def _all_losses(logits, batch, shift, reduction="mean"):
+    """Every loss of labelled logits with a reduction that is defined on these logits."""
     return {
-        "ga": ga_loss(logits, labels, shift=shift, reduction=reduction),
-        "kl": kl_divergence(logits, ref_logits, labels, shift=shift, reduction=reduction),
-        "npo": npo_loss(logits, labels, ref_logits=ref_logits, shift=shift, reduction=reduction),
-        "simnpo": simnpo_loss(logits, labels, shift=shift, reduction=reduction),
+        e.name: e(logits, batch, shift=shift, reduction=reduction)
+        for e in REDUCED
+        if e.defined_on(logits, batch.labels, shift)
     }
 
 
@@ -124,42 +128,37 @@ def test_masking_a_position_equals_dropping_it(case):
     """Ignoring the last label of each sequence equals cutting that position off entirely."""
     labels = case.labels.clone()
     labels[:, -1] = -100
-    masked = _all_losses(case.logits, labels, case.ref_logits, case.shift)
+    masked = _all_losses(
+        case.logits, Batch.with_reference(labels, case.ref_logits, shift=case.shift), case.shift
+    )
     keep = labels.shape[1] - 1
     assume(keep > 0 and not (case.shift and keep == 1))  # something left to compare against
-    dropped = _all_losses(
-        case.logits[:, :keep], labels[:, :keep], case.ref_logits[:, :keep], case.shift
-    )
-    for name in masked:
+    kept = Batch.with_reference(labels[:, :keep], case.ref_logits[:, :keep], shift=case.shift)
+    dropped = _all_losses(case.logits[:, :keep], kept, case.shift)
+    for name in masked.keys() & dropped.keys():  # a loss defined on both
         torch.testing.assert_close(masked[name], dropped[name], msg=name)
 
 
 @given(batches(dtypes=[torch.float64, torch.float32]))
 def test_sum_equals_mean_times_count(case):
-    count = ref.valid_mask(case.labels, case.logits, case.shift).sum()
-    for fn in (ga_loss, nll_loss):
-        total = fn(case.logits, case.labels, shift=case.shift, reduction="sum")
-        mean = fn(case.logits, case.labels, shift=case.shift)
-        torch.testing.assert_close(total, mean * count)
-    lp = token_logprobs(case.logits, case.labels, shift=case.shift)
-    if lp.dim() == 1:
-        lp = lp[None]
-    sequences = (
-        ref.valid_mask(case.labels, case.logits, case.shift).reshape(lp.shape).sum(-1) > 0
-    ).sum()
-    for name in ("npo", "simnpo"):
-        total = _all_losses(case.logits, case.labels, case.ref_logits, case.shift, "sum")[name]
-        mean = _all_losses(case.logits, case.labels, case.ref_logits, case.shift)[name]
-        torch.testing.assert_close(total, mean * sequences)
+    """A token mean times the valid tokens, a sequence mean times the sequences with one."""
+    valid = ref.valid_mask(case.labels, case.logits, case.shift)
+    sequences = valid if valid.dim() == 2 else valid[None]  # (N, V) logits: one sequence
+    counts = {"num_items_in_batch": valid.sum(), "num_sequences": (sequences.sum(-1) > 0).sum()}
+    batch = Batch.with_reference(case.labels, case.ref_logits, shift=case.shift)
+    totals = _all_losses(case.logits, batch, case.shift, "sum")
+    means = _all_losses(case.logits, batch, case.shift)
+    for e in REDUCED:
+        if e.name in means and e.count is not None:
+            torch.testing.assert_close(totals[e.name], means[e.name] * counts[e.count], msg=e.name)
 
 
 @given(batches(dtypes=[torch.float64, torch.float32]))
 def test_reduction_none_sums_to_reduction_sum(case):
-    for name, per_item in _all_losses(
-        case.logits, case.labels, case.ref_logits, case.shift, "none"
-    ).items():
-        total = _all_losses(case.logits, case.labels, case.ref_logits, case.shift, "sum")[name]
-        torch.testing.assert_close(per_item.sum(), total, msg=name)
+    batch = Batch.with_reference(case.labels, case.ref_logits, shift=case.shift)
+    totals = _all_losses(case.logits, batch, case.shift, "sum")
+    for name, per_item in _all_losses(case.logits, batch, case.shift, "none").items():
+        torch.testing.assert_close(per_item.sum(), totals[name], msg=name)
 
 
 @given(batches(three_d=True, dtypes=[torch.float64]))
@@ -191,50 +190,40 @@ def test_npo_tends_to_mean_log_ratio_as_beta_vanishes(case):
     torch.testing.assert_close(loss - 2 * math.log(2) / beta, delta, rtol=1e-3, atol=1e-3)
 
 
-TOKEN_MEAN_LOSSES = {
-    "ga": lambda x, labels, ref_logits, **kw: ga_loss(x, labels, **kw),
-    "nll": lambda x, labels, ref_logits, **kw: nll_loss(x, labels, **kw),
-    "kl": lambda x, labels, ref_logits, **kw: kl_divergence(x, ref_logits, labels, **kw),
-}
+TOKEN_MEAN_LOSSES = [e.name for e in entries("logits", takes="num_items_in_batch") if e.labelled]
 
 
 @given(
     batches(three_d=True, dtypes=[torch.float64, torch.float32]),
-    st.sampled_from(sorted(TOKEN_MEAN_LOSSES)),
+    st.sampled_from(TOKEN_MEAN_LOSSES),
 )
 def test_num_items_in_batch_halves_add_up_to_the_full_batch(case, name):
-    fn = TOKEN_MEAN_LOSSES[name]
-    batch = case.logits.shape[0]
-    assume(batch >= 2)
-    halves = [slice(0, batch // 2), slice(batch // 2, batch)]
+    fn = entry(name)
+    size = case.logits.shape[0]
+    assume(size >= 2 and fn.defined_on(case.logits, case.labels, case.shift))
+    halves = [slice(0, size // 2), slice(size // 2, size)]
     count = ref.valid_mask(case.labels, case.logits, case.shift).sum()
+    batch = Batch.with_reference(case.labels, case.ref_logits, shift=case.shift)
     full_value, full_grad = value_and_grad(
-        lambda x: fn(x, case.labels, case.ref_logits, shift=case.shift), case.logits, 1.0
+        lambda x: fn(x, batch, shift=case.shift), case.logits, 1.0
     )
     x = case.logits.detach().clone().requires_grad_(True)
-    total = sum(
-        fn(x[h], case.labels[h], case.ref_logits[h], shift=case.shift, num_items_in_batch=count)
-        for h in halves
-    )
+    total = sum(fn(x[h], batch.rows(h), shift=case.shift, num_items_in_batch=count) for h in halves)
     total.backward()
     torch.testing.assert_close(total.detach(), full_value)
     torch.testing.assert_close(x.grad, full_grad)
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_all_ignored_batch_gives_zero_loss_and_zero_gradient(granularity):
+LABELLED = [e.name for e in entries("logits") if e.labelled]
+
+
+@pytest.mark.parametrize("name", LABELLED)
+def test_all_ignored_batch_gives_zero_loss_and_zero_gradient(name):
     logits = torch.randn(2, 4, 6, requires_grad=True)
     labels = torch.full((2, 4), -100)
-    losses = [
-        ga_loss(logits, labels),
-        nll_loss(logits, labels),
-        kl_loss(logits, torch.randn(2, 4, 6), labels),
-        npo_loss(logits, labels, ref_logits=torch.randn(2, 4, 6), granularity=granularity),
-        simnpo_loss(logits, labels),
-    ]
-    for loss in losses:
-        assert loss.item() == 0.0
-    sum(losses).backward()
+    loss = entry(name)(logits, Batch.with_reference(labels, torch.randn(2, 4, 6)))
+    assert (loss == 0).all()
+    loss.sum().backward()
     assert (logits.grad == 0).all()
 
 
@@ -242,7 +231,8 @@ def test_t_equals_one_with_shift_is_empty():
     logits = torch.randn(3, 1, 5, requires_grad=True)
     labels = torch.randint(0, 5, (3, 1))
     assert token_logprobs(logits, labels).shape == (3, 0)
-    loss = ga_loss(logits, labels) + npo_loss(logits, labels, ref_logits=logits.detach())
+    batch = Batch.with_reference(labels, logits.detach())
+    loss = sum(entry(name)(logits, batch).sum() for name in LABELLED)
     assert loss.item() == 0.0
     loss.backward()
     assert (logits.grad == 0).all()
@@ -284,11 +274,7 @@ def test_extreme_finite_logits_give_finite_losses():
     )
     ref_logits = -logits.detach()
     labels = torch.tensor([[0, 0, 1]])
-    loss = (
-        ga_loss(logits, labels)
-        + kl_loss(logits, ref_logits, labels)
-        + npo_loss(logits, labels, ref_logits=ref_logits)
-        + simnpo_loss(logits, labels)
-    )
+    batch = Batch.with_reference(labels, ref_logits)
+    loss = sum(e(logits, batch).sum() for e in entries("logits"))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

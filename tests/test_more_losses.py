@@ -15,17 +15,16 @@ from unlearning_losses import (
     global_counts,
     idk_loss,
     kl_divergence,
-    nll_loss,
     npo_loss,
     rmu_control_vector,
     rmu_loss,
     satimp_loss,
-    simnpo_loss,
     tnpo_loss,
     token_logprobs,
     undial_loss,
     wga_loss,
 )
+from unlearning_losses.testing import Batch, entries
 from unlearning_losses.testing import reference as ref
 from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
 from unlearning_losses.testing.strategies import batches
@@ -333,26 +332,8 @@ def test_rmu_padding_does_not_count():
 # --- data parallel: halves with global counts add up to the full batch -----------------------
 
 
-def _token_losses(counts):
-    return {
-        "ga": lambda x, y, r: ga_loss(x, y, num_items_in_batch=counts.tokens),
-        "nll": lambda x, y, r: nll_loss(x, y, num_items_in_batch=counts.tokens),
-        "idk": lambda x, y, r: idk_loss(x, y, num_items_in_batch=counts.tokens),
-        "kl": lambda x, y, r: kl_divergence(x, r, y, num_items_in_batch=counts.tokens),
-        "wga": lambda x, y, r: wga_loss(x, y, num_items_in_batch=counts.tokens),
-        "satimp": lambda x, y, r: satimp_loss(x, y, num_items_in_batch=counts.tokens),
-        "tnpo": lambda x, y, r: tnpo_loss(x, y, ref_logits=r, num_items_in_batch=counts.tokens),
-        "undial": lambda x, y, r: undial_loss(x, r, y, num_items_in_batch=counts.tokens),
-        "ceu": lambda x, y, r: ceu_loss(x, y, num_items_in_batch=counts.tokens),
-        "npo_token": lambda x, y, r: npo_loss(
-            x, y, ref_logits=r, granularity="token", num_items_in_batch=counts.tokens
-        ),
-        "npo": lambda x, y, r: npo_loss(x, y, ref_logits=r, num_sequences=counts.sequences),
-        "npo_mean": lambda x, y, r: npo_loss(
-            x, y, ref_logits=r, granularity="sequence_mean", num_sequences=counts.sequences
-        ),
-        "simnpo": lambda x, y, r: simnpo_loss(x, y, num_sequences=counts.sequences),
-    }
+# Every loss of labelled logits that takes a global count, each given the whole batch's.
+COUNTED = [e for e in entries("logits") if e.labelled and e.count is not None]
 
 
 @given(batches(three_d=True, min_vocab=2, dtypes=[torch.float64]))
@@ -360,17 +341,21 @@ def test_split_batches_with_global_counts_add_up_to_the_full_batch(case):
     assume(case.labels.shape[0] >= 2 and case.shift)
     assume(_every_scored_row_keeps_two_entries(case))
     counts = global_counts(case.labels)
-    full = _token_losses(counts)
+    given = {"num_items_in_batch": counts.tokens, "num_sequences": counts.sequences}
+    full = Batch.with_reference(case.labels, case.ref_logits, shift=case.shift)
     half = case.labels.shape[0] // 2
-    for name, fn in full.items():
+    for e in COUNTED:
+        if not e.defined_on(case.logits, case.labels, case.shift):
+            continue
+        count = {e.count: given[e.count]}
 
-        def on(rows: slice, fn=fn):
-            return lambda x: fn(x, case.labels[rows], case.ref_logits[rows])
+        def on(rows: slice, e=e, count=count):
+            return lambda x: e(x, full.rows(rows), **count)
 
         whole_value, whole_grad = value_and_grad(on(slice(None)), case.logits, 1.0)
         parts = [
             value_and_grad(on(rows), case.logits[rows], 1.0)
             for rows in (slice(None, half), slice(half, None))
         ]
-        torch.testing.assert_close(parts[0][0] + parts[1][0], whole_value, msg=name)
-        torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), whole_grad, msg=name)
+        torch.testing.assert_close(parts[0][0] + parts[1][0], whole_value, msg=e.name)
+        torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), whole_grad, msg=e.name)

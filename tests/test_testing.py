@@ -35,6 +35,12 @@ def _docs_example() -> dict:
     return namespace
 
 
+def test_the_docs_registry_example_runs():
+    pattern = r"<!-- example: registry -->\n```python\n(.*?)```"
+    code = re.search(pattern, (ROOT / "docs" / "testing.md").read_text(), re.DOTALL).group(1)
+    exec(compile(code, "docs/testing.md", "exec"), {})
+
+
 def test_the_docs_example_passes_its_own_check():
     namespace = _docs_example()
     assert "confidence_weighted_ga" in namespace
