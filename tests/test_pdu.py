@@ -95,3 +95,15 @@ def test_pdu_loss_is_the_lagrangian_and_the_dual_step_is_projected():
 def test_pdu_refusals_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_an_ignored_row_with_a_masked_logit_gets_a_zero_gradient():
+    """A -inf logit makes an ignored row's margin infinite; it must not turn the gradient NaN."""
+    logits = torch.tensor([[[1.0, float("-inf"), 0.5], [0.2, 0.1, 0.3], [0.0, 1.0, 2.0]]])
+    labels = torch.tensor([[-100, -100, 1]])  # after the shift only row 1 counts
+    x = logits.clone().requires_grad_()
+    loss = logit_margin_loss(x, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(x.grad[0, 0], torch.zeros(3))
+    torch.testing.assert_close(loss, torch.tensor((0.3 - 0.2) ** 2))

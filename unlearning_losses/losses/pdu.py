@@ -69,7 +69,9 @@ def logit_margin_loss(
     # Reductions over the vocabulary in the logits' dtype with a wider accumulator: no float32
     # copy of the logits.
     margin = rows.amax(-1).to(acc) - rows.mean(-1, dtype=acc)
-    per_token = torch.where(tokens.valid, margin.square(), 0.0)
+    # Masked before squaring: an ignored row's margin may be inf (a -inf logit), and the square's
+    # gradient there, 2 * inf * 0, would be NaN.
+    per_token = torch.where(tokens.valid, margin, 0.0).square()
     return tokens.unflatten(
         token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
     )
