@@ -7,6 +7,7 @@ randomly initialised Llama built from a config (no download):
 
     python examples/hf_trainer.py --method npo --steps 20
     torchrun --nproc_per_node 2 examples/hf_trainer.py --method npo --batch-size 2 --grad-accum 2
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --deepspeed zero3.json --batch-size 2 ...
 
 Exact across gradient accumulation and ranks: the retain term divides by the Trainer's
 ``num_items_in_batch`` (every micro-batch of the step, every rank); the forget term by the same
@@ -150,6 +151,7 @@ def build(
     optim: str = "adamw_torch",
     learning_rate: float = 1e-3,
     global_forget_counts: bool = True,
+    deepspeed: str | None = None,
 ):
     """A trainer on random forget/retain sequences, and the forget tensors to evaluate with."""
     model = tiny_llama(seed=seed)
@@ -176,7 +178,8 @@ def build(
         save_strategy="no",
         logging_steps=5,
         remove_unused_columns=False,
-        use_cpu=True,
+        use_cpu=deepspeed is None,  # with use_cpu, accelerate does not run DeepSpeed
+        deepspeed=deepspeed,
         seed=seed,
         disable_tqdm=True,
     )
@@ -210,6 +213,7 @@ def main() -> None:
         help="average the forget term per micro-batch and rank, as most research code does "
         "(inexact under accumulation and data parallel; for comparison)",
     )
+    parser.add_argument("--deepspeed", help="a DeepSpeed config file (JSON), e.g. ZeRO-3")
     parser.add_argument("--output-dir", default="hf-trainer-output")
     parser.add_argument("--save-params", help="also save the trained parameters to this file")
     args = parser.parse_args()
@@ -222,14 +226,17 @@ def main() -> None:
         optim=args.optim,
         learning_rate=args.learning_rate,
         global_forget_counts=not args.local_forget_mean,
+        deepspeed=args.deepspeed,
     )
     before = forget_nll(trainer.model, forget_ids, forget_labels)
     trainer.train()
     after = forget_nll(trainer.model, forget_ids, forget_labels)
+    # On every rank: under ZeRO-3 this gathers the partitioned parameters.
+    params = trainer.accelerator.get_state_dict(trainer.model_wrapped) if args.save_params else None
     if trainer.is_world_process_zero():
         print(f"{args.method}: forget-set NLL {before:.3f} -> {after:.3f}")
         if args.save_params:
-            torch.save(trainer.model.state_dict(), args.save_params)
+            torch.save(params, args.save_params)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,19 @@ def check_int(value: object, name: str) -> int:
     return value
 
 
+def _check_not_zero3_placeholder(tensor: Tensor, name: str) -> None:
+    """A DeepSpeed ZeRO-3 parameter read outside its module's forward is this rank's empty
+    placeholder: say how to gather it, rather than that its shape is wrong."""
+    if tensor.numel() == 0 and hasattr(tensor, "ds_id"):
+        raise ValueError(
+            f"{name} is a DeepSpeed ZeRO-3 parameter outside its module's forward (this rank's "
+            "empty placeholder, shape (0,)): compute the loss with "
+            "unlearning_losses.zero3.head_loss(model.lm_head, loss, hidden, labels, ...) "
+            "(ref_head= for a reference's head) inside "
+            "unlearning_losses.zero3.engine_forward(engine, ...); see docs/scaling.md"
+        )
+
+
 def check_head(
     weight: object,
     bias: object,
@@ -233,6 +246,7 @@ def check_head(
     """An output head: ``weight (V, H)`` and optional ``bias (V,)`` matching ``hidden (..., H)``;
     V >= 1, or V >= 0 for this rank's ``rows_of_group`` (a vocabulary smaller than its group)."""
     weight = check_tensor(weight, name)
+    _check_not_zero3_placeholder(weight, name)
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"{name} must have dtype {hidden.dtype} to match hidden; got {weight.dtype}"
@@ -249,6 +263,7 @@ def check_head(
     check_same_device(weight, hidden, name, "hidden")
     if bias is not None:
         bias = check_tensor(bias, bias_name)
+        _check_not_zero3_placeholder(bias, bias_name)
         if bias.dtype != hidden.dtype:
             raise TypeError(
                 f"{bias_name} must have dtype {hidden.dtype} to match hidden; got {bias.dtype}"
