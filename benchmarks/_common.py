@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 
 def machine() -> str:
@@ -66,3 +70,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_on_ranks(worker: Callable, args: object, paths: tuple[str, ...], world: int) -> dict:
+    """``worker(rank, args, paths, rendezvous_file, result_file)`` in ``world`` fresh processes;
+    the JSON that rank 0 writes to ``result_file``."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = os.path.join(folder, "result.json")
+        rendezvous = os.path.join(folder, "rendezvous")
+        mp.spawn(worker, args=(args, paths, rendezvous, result), nprocs=world, join=True)
+        return json.loads(Path(result).read_text())

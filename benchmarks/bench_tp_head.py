@@ -20,20 +20,24 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import unlearning_losses as ul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, median_seconds, peak_rss_bytes, ratio
+from _common import (
+    machine,
+    markdown_table,
+    median_seconds,
+    peak_rss_bytes,
+    ratio,
+    run_on_ranks,
+)
 
 WORLD = 2
 PATHS = ("sharded", "gathered", "logits")
@@ -97,15 +101,7 @@ def _worker(rank: int, args, paths: tuple[str, ...], init_file: str, result_file
 
 
 def _run(args, paths: tuple[str, ...]) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        result = os.path.join(folder, "result.json")
-        mp.spawn(
-            _worker,
-            args=(args, paths, os.path.join(folder, "rendezvous"), result),
-            nprocs=WORLD,
-            join=True,
-        )
-        return json.loads(Path(result).read_text())
+    return run_on_ranks(_worker, args, paths, WORLD)
 
 
 def _ratios(by_path: dict[str, float]) -> list[str]:
