@@ -99,8 +99,30 @@ def _check(rank: int, widths: tuple[int, ...], as_dtensor: bool) -> None:
         _close(got_b, grad_b[rows], f"{what}: this rank's rows of the bias gradient")
 
 
+def _check_autocast(rank: int) -> None:
+    """float32 under CPU bfloat16 autocast (a Trainer with bf16=True): the same value and
+    gradients as outside it, the head's matmul included."""
+    hidden, ref_hidden, weight, bias, labels, ref_logprobs = (
+        t.float() if t.is_floating_point() else t for t in _inputs(11)
+    )
+    rows = slice(0, 7) if rank == 0 else slice(7, 11)
+    for name, fn in _losses(labels, ref_hidden, ref_logprobs).items():
+        w = weight[rows].clone().requires_grad_(True)
+        b = bias[rows].clone().requires_grad_(True)
+        kw = {"vocab_group": dist.group.WORLD, "chunk_rows": 4}
+        want = _value_and_grads(fn, hidden, w, b, **kw)
+        leaves = [hidden.clone().requires_grad_(True), w, b]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward, as a Trainer runs it
+            value = fn(*leaves, **kw)
+        upstream = torch.linspace(0.5, 1.5, value.numel()).reshape(value.shape)
+        got = value.detach(), torch.autograd.grad((value * upstream).sum(), leaves)
+        for a, e in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _two_ranks(rank: int) -> None:
     _check(rank, (7, 4), as_dtensor=False)
+    _check_autocast(rank)
 
 
 def _four_ranks(rank: int) -> None:

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..sharding import VocabShard
 from . import label_logprobs, token_kl
+from .autocast import autocast_off
 from .linear import LINEAR_CHUNK_BYTES
 from .logit_map import LogitMap
 from .numerics import PairMode, accumulation_dtype
@@ -51,7 +52,8 @@ def _mapped_logits(hidden: Tensor, valid: Tensor, head: Head, logit_map: LogitMa
     mapped as the model maps them; rows that score nothing are zeroed first (padding's hidden
     states may be NaN, and 0 times NaN is NaN in the head's gradient)."""
     rows = torch.where(valid[:, None], hidden, 0.0)
-    z = torch.nn.functional.linear(rows, *head).to(accumulation_dtype(hidden.dtype))
+    with autocast_off(hidden):  # the head's matmul in the inputs' dtype, as on the other paths
+        z = torch.nn.functional.linear(rows, *head).to(accumulation_dtype(hidden.dtype))
     if logit_map.scale != 1.0:
         z = z * logit_map.scale
     if logit_map.softcap is not None:
