@@ -91,6 +91,16 @@ def zero_outside(grad: Tensor, groups: list[Group]) -> None:
         grad[b0:b1, stop:].zero_()
 
 
+def zero_ignored_rows_(chunk: Tensor, valid: Tensor) -> None:
+    """Zero the rows of ``chunk`` whose position is ignored: their logits may be NaN (padding),
+    and a coefficient of 0 times NaN is NaN. On the CPU, where reading the mask costs no device
+    sync, a chunk without an ignored row is left alone (most are: the spans skip prompt and
+    padding at the ends)."""
+    if valid.device.type == "cpu" and bool(valid.all()):
+        return
+    chunk.masked_fill_(~valid[..., None], 0.0)
+
+
 class Scratch:
     """One chunk-sized buffer that every chunk of a pass is computed in (reused, so no chunk
     allocates: fresh multi-megabyte temporaries cost page faults on each call)."""
@@ -161,7 +171,7 @@ def logprobs_backward(
         chunk = upcast.upcast(logits[b, t])
         probs = torch.softmax(chunk, -1, out=scratch(chunk.shape))
         # An ignored row's logits may be NaN (padding): its gradient is 0, not NaN * 0.
-        probs.masked_fill_(~valid[b, t, None], 0.0)
+        zero_ignored_rows_(probs, valid[b, t])
         label_gradient_(
             probs, logprobs[b, t, None], safe_targets[b, t, None], scale[b, t, None], grad[b, t]
         )
@@ -282,5 +292,5 @@ def pair_backward(
                 inner = logp.exp_().sub_(logq.exp_())
         # An ignored row contributes nothing, even where its logits are NaN (padding) or it has
         # no finite target (CE-U, one finite logit): its gradient is 0, not NaN * 0.
-        inner.masked_fill_(~valid[b, t, None], 0.0)
+        zero_ignored_rows_(inner, valid[b, t])
         torch.mul(inner, scale[b, t, None], out=grad[b, t])

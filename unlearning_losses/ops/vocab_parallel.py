@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ..sharding import VocabShard
 from .autocast import without_autocast
-from .chunked import row_chunks, row_groups, zero_outside
+from .chunked import row_chunks, row_groups, zero_ignored_rows_, zero_outside
 from .numerics import (
     PairMode,
     accumulation_dtype,
@@ -95,7 +95,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         # d log p_y / d z_j = 1[j = y] - p_j, the label column living on one rank only.
         for b, t in row_chunks(ctx.groups, logits.shape[-1]) if logits.shape[-1] else ():
             chunk = torch.sub(logits[b, t].to(acc), lse[b, t, None]).exp_()
-            chunk.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
+            zero_ignored_rows_(chunk, valid[b, t])
             row = (b, t, None)
             label_gradient_(
                 chunk, logprobs[row], local_targets[row], scale[row], chunk, in_shard[row]
@@ -161,6 +161,6 @@ class VocabParallelTokenKL(torch.autograd.Function):
                 logq = ref_logits[b, t].to(acc) - ref_lse[b, t, None]
                 weights, scores = pair_scores(logp, logq, ctx.mode, 0.0)
                 inner = pair_gradient(logp, weights, scores, kl[b, t], ctx.mode)
-            inner.masked_fill_(~valid[b, t, None], 0.0)  # NaN padding rows: 0, not NaN * 0
+            zero_ignored_rows_(inner, valid[b, t])
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
