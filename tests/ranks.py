@@ -16,6 +16,10 @@ def _worker(rank: int, check: Callable[[int], None], world: int, init_file: str)
     try:
         torch.set_num_threads(1)
         check(rank)
+        # Every rank done with its collectives before any tears its group down: a rank leaving
+        # while gloo still serves the other once aborted a process ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
