@@ -133,3 +133,145 @@ def _four_ranks(rank: int) -> None:
 @pytest.mark.parametrize(("check", "world"), [(_two_ranks, 2), (_four_ranks, 4)])
 def test_a_vocabulary_parallel_head_equals_the_whole_head(check, world, tmp_path):
     run_on_ranks(check, world, tmp_path)
+
+
+class _Tiny(torch.nn.Module):
+    """Embeddings, one layer and a head with a bias: enough for FSDP2 to shard a body and a root."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, H)
+        self.layer = torch.nn.Linear(H, H)
+        self.lm_head = torch.nn.Linear(H, vocab)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.layer(self.embed(ids)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids))
+
+
+def _objective(method, model, reference, batch, counts=(None, None)):
+    """A forget term and a retain term from hidden states through the fused-linear losses."""
+    forget, forget_labels, retain, retain_labels = batch
+    head = {"bias": model.lm_head.bias}
+    hidden = model.hidden(forget)
+    if method == "npo":
+        forget_term = ul.linear_npo_loss(
+            hidden,
+            model.lm_head.weight,
+            forget_labels,
+            ref_hidden=reference.hidden(forget),
+            ref_weight=reference.lm_head.weight,
+            ref_bias=reference.lm_head.bias,
+            num_sequences=None if counts[0] is None else counts[0].sequences,
+            **head,
+        )
+    else:
+        forget_term = ul.linear_simnpo_loss(
+            hidden,
+            model.lm_head.weight,
+            forget_labels,
+            num_sequences=None if counts[0] is None else counts[0].sequences,
+            **head,
+        )
+    retain_count = None if counts[1] is None else counts[1].tokens
+    retain_hidden = model.hidden(retain)
+    if method == "npo":
+        retain_term = ul.linear_nll_loss(
+            retain_hidden,
+            model.lm_head.weight,
+            retain_labels,
+            num_items_in_batch=retain_count,
+            **head,
+        )
+    else:
+        retain_term = ul.linear_kl_divergence(
+            retain_hidden,
+            model.lm_head.weight,
+            reference.hidden(retain),
+            labels=retain_labels,
+            ref_weight=reference.lm_head.weight,
+            ref_bias=reference.lm_head.bias,
+            num_items_in_batch=retain_count,
+            **head,
+        )
+    return forget_term + retain_term
+
+
+def _engine_batch(vocab: int):
+    g = torch.Generator().manual_seed(2)
+    forget, retain = (torch.randint(0, vocab, (4, 6), generator=g) for _ in range(2))
+    forget_labels, retain_labels = forget.clone(), retain.clone()
+    forget_labels[0, :4] = -100  # the data-parallel ranks hold unequal token counts
+    retain_labels[3, -3:] = -100
+    return forget, forget_labels, retain, retain_labels
+
+
+def _sgd(model, loss, lr=0.5):
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def _fsdp2_and_tensor_parallel(rank: int) -> None:
+    """FSDP2 over "dp" and the head column-parallel over "tp" on a 2 x 2 mesh: the fused-linear
+    losses computed inside the model's forward (fsdp.root_forward) take one SGD step equal to
+    one process with the whole model on the whole batch (float64, 1e-10)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from unlearning_losses.fsdp import root_forward
+
+    vocab = 11  # 6 + 5 rows over "tp"
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh.get_group("dp")
+    batch = _engine_batch(vocab)
+    mine = slice(2 * mesh.get_local_rank("dp"), 2 * mesh.get_local_rank("dp") + 2)
+    local = tuple(t[mine] for t in batch)
+    for method in ("npo", "simnpo_kl"):
+        plain, reference = _Tiny(vocab, 0).double(), _Tiny(vocab, 1).double().requires_grad_(False)
+        _sgd(plain, _objective(method, plain, reference, batch))
+
+        model = _Tiny(vocab, 0).double()
+        plan = {"lm_head": ColwiseParallel(use_local_output=False)}
+        parallelize_module(model, mesh["tp"], plan)
+        parallelize_module(reference, mesh["tp"], plan)
+        fully_shard(model.layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        for module in model.modules():  # each rank's loss is its share of the global mean
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        counts = (ul.global_counts(local[1], group=dp), ul.global_counts(local[3], group=dp))
+        loss = root_forward(model, _objective, method, model, reference, local, counts)
+        _sgd(model, loss)
+        expected = dict(plain.named_parameters())
+        for name, p in model.named_parameters():
+            _close(p.detach().full_tensor(), expected[name].detach(), f"{method}: {name}")
+
+
+def _fsdp2_head_outside_the_forward(rank: int) -> None:
+    """A head FSDP2 leaves sharded over the data-parallel ranks looks like a tensor-parallel
+    Shard(0); the ranks' different tokens give it away, and the loss is refused by name."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Tiny(11, 0).double()
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    forget_labels = _engine_batch(11)[1][2 * rank : 2 * rank + 2]
+    hidden = torch.randn(
+        2, 6, H, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)
+    )
+    with pytest.raises(ValueError, match=r"differ between the ranks.*root_forward"):
+        ul.linear_ga_loss(hidden, model.lm_head.weight, forget_labels, bias=model.lm_head.bias)
+
+
+@pytest.mark.slow
+def test_fsdp2_over_a_tensor_parallel_head_equals_one_process(tmp_path):
+    run_on_ranks(_fsdp2_and_tensor_parallel, 4, tmp_path)
+
+
+def test_a_head_sharded_over_data_parallel_ranks_is_refused(tmp_path):
+    run_on_ranks(_fsdp2_head_outside_the_forward, 2, tmp_path)

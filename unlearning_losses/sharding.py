@@ -132,6 +132,41 @@ def group_vocab_shard(width: int, device: torch.device, group: Any) -> VocabShar
     return VocabShard(group, offset, size)
 
 
+def check_same_on_group(hidden: Tensor, targets: Tensor, group: Any, name: str) -> None:
+    """Refuse hidden states or targets that differ between the ranks of a vocabulary group.
+
+    A head split over a group multiplies the same tokens on every rank; ranks holding different
+    batches (a data-parallel group, such as the mesh of a head FSDP2 leaves sharded between
+    forwards, which looks like a tensor-parallel ``Shard(0)``) would join unrelated rows into one
+    softmax, silently. One ``all_reduce`` of a few sums tells them apart; on an accelerator the
+    comparison is a device-side assertion, so nothing waits on the host.
+    """
+    finite = torch.nan_to_num(hidden.detach(), nan=0.0, posinf=0.0, neginf=0.0).double()
+    summary = torch.stack(
+        [
+            torch.tensor(float(hidden.numel()), dtype=torch.float64, device=hidden.device),
+            finite.sum(),
+            finite.square().sum(),
+            targets.double().sum(),
+        ]
+    )
+    extremes = torch.cat([summary, -summary])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    agree = (extremes[:4] == -extremes[4:]).all()
+    message = (
+        f"{name} and labels differ between the ranks of the head's vocabulary group: a head "
+        "split by rows needs the same tokens on every rank of its group. A head that FSDP2 "
+        "keeps sharded between forwards is split over the data-parallel ranks instead: compute "
+        "the loss inside the model's forward (unlearning_losses.fsdp.root_forward), where FSDP2 "
+        "has gathered it"
+    )
+    if hidden.device.type == "cpu":
+        if not agree:
+            raise ValueError(message)
+    else:
+        torch._assert_async(agree, message)
+
+
 def from_dtensor(logits: Any, name: str, *, vocab_parallel: bool = True) -> Sharding:
     """Map the placements of DTensor ``logits`` ``(B, T, V)`` or ``(N, V)`` to groups.
 
@@ -201,8 +236,8 @@ def head_shards(weight: Any, name: str) -> int | None:
     raise ValueError(
         f"{name} is a DTensor with placements {placements}; the fused-linear losses take a whole "
         "head or one split by vocabulary rows (Shard(0) on one mesh dimension, Replicate on the "
-        "others). Under FSDP2 call them inside the module's forward, where the head is "
-        f"gathered, or pass {name}.full_tensor()"
+        "others). A head that FSDP2 keeps sharded between forwards: compute the loss inside "
+        "the model's forward (unlearning_losses.fsdp.root_forward), where FSDP2 has gathered it"
     )
 
 

@@ -21,29 +21,15 @@ Nothing here imports DeepSpeed unless a ZeRO-3 reference head is gathered.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from ._forward import as_forward
+
 T = TypeVar("T")
-
-
-@contextmanager
-def _as_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """``module``'s forward replaced by ``forward``: whatever an engine hooked onto the module
-    (ZeRO-3's gathers and releases) runs around ``forward`` when it is called. An instance-level
-    forward (accelerate's hooks set one) is restored afterwards."""
-    own = module.__dict__.get("forward")
-    module.__dict__["forward"] = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del module.__dict__["forward"]
-        else:
-            module.__dict__["forward"] = own
 
 
 def _gathered(module: nn.Module | None) -> AbstractContextManager[Any]:
@@ -109,7 +95,7 @@ def head_loss(
         return loss(hidden, head.weight, *args, bias=getattr(head, "bias", None), **kwargs)
 
     # Positional: ZeRO's hooks release the head after the gradient has reached these inputs.
-    with _gathered(ref_head), _as_forward(head, forward):
+    with _gathered(ref_head), as_forward(head, forward):
         return head(hidden, *args)
 
 
@@ -150,5 +136,5 @@ def engine_forward(engine: nn.Module, fn: Callable[..., T], *args: Any, **kwargs
             f"engine must wrap the model as its .module (a DeepSpeedEngine, DDP); got "
             f"{type(engine).__name__}"
         )
-    with _as_forward(module, fn):
+    with as_forward(module, fn):
         return engine(*args, **kwargs)
