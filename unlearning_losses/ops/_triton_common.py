@@ -16,6 +16,8 @@ MAX_BLOCK_V = 4096
 #: ``-inf - -inf`` arises; masked (-inf) entries then weigh exactly 0, and a row of nothing else
 #: ends with a sum of 0 and a log-sum-exp of -inf.
 LOWEST = tl.constexpr(-3.4028234663852886e38)
+#: Below this magnitude ``expm1`` sums its series instead of subtracting 1 from an exponential.
+EXPM1_SERIES = tl.constexpr(0.5)
 
 
 @triton.jit
@@ -59,22 +61,24 @@ def num_warps(block_v: int, inputs: int = 1) -> int:
 
 
 @triton.jit
+def expm1_series(x):
+    """``exp(x) - 1`` for ``|x| < 1/2`` by its Taylor series to degree 9 (truncation below 3e-10
+    relative): no exponential, and no cancellation near 0."""
+    poly = 1.0 / 40320.0 + x / 362880.0
+    poly = 1.0 / 5040.0 + x * poly
+    poly = 1.0 / 720.0 + x * poly
+    poly = 1.0 / 120.0 + x * poly
+    poly = 1.0 / 24.0 + x * poly
+    poly = 1.0 / 6.0 + x * poly
+    poly = 0.5 + x * poly
+    return x * (1.0 + x * poly)
+
+
+@triton.jit
 def expm1(x):
-    """``exp(x) - 1`` without cancellation near 0: a degree-7 Taylor polynomial for
-    ``|x| < 1/4`` (truncation below 2e-9 relative), ``exp(x) - 1`` elsewhere."""
-    poly = x * (
-        1.0
-        + x
-        * (
-            0.5
-            + x
-            * (
-                1.0 / 6.0
-                + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (1.0 / 5040.0))))
-            )
-        )
-    )
-    return tl.where(tl.abs(x) < 0.25, poly, tl.exp(x) - 1.0)
+    """``exp(x) - 1`` without cancellation near 0: :func:`expm1_series` for ``|x| < 1/2``,
+    ``exp(x) - 1`` elsewhere."""
+    return tl.where(tl.abs(x) < EXPM1_SERIES, expm1_series(x), tl.exp(x) - 1.0)
 
 
 @triton.jit

@@ -27,6 +27,8 @@ from .numerics import (
 
 #: Upper bound on the bytes of one float32 chunk of logits; results do not depend on it.
 CHUNK_BYTES = 2 * 1024 * 1024
+#: Beyond this log-ratio a row's KL constant comes from its log-sum-exps (expm1 would overflow).
+_NEAR = 60.0
 
 
 def valid_spans(valid: Tensor) -> list[tuple[int, int]]:
@@ -226,6 +228,30 @@ class PairWorkspace:
         centre = torch.linalg.vecdot(p, delta)
         return delta.sub_(centre[..., None]).mul_(p)
 
+    def reference_kl_gradient(self, logits: Tensor, ref_logits: Tensor) -> Tensor:
+        """d KL(Q || P) / d logits of one chunk, ``p - q``, formed as ``q expm1(d)`` where the
+        log-ratio ``|d| < 1/2``: no difference of two rounded softmaxes where P is near Q.
+
+        ``d = delta - c`` with ``delta = z - z_ref`` and the row constant ``c = lse - lse_ref``
+        taken as ``log1p(sum_v q_v expm1(delta_v))``, exact when the rows are close (the
+        difference of two log-sum-exps keeps only the digits they share); rows far apart (a
+        ratio beyond 1/2 or a ``delta`` beyond 60) take the log-sum-exps. Elsewhere ``p - q``
+        with ``p = exp(z - lse_ref - c)``, where ``|p - q| >= 0.39 q``.
+        """
+        z, z_ref = self._floored(self.logp, logits), self._floored(self.logq, ref_logits)
+        lse_ref = torch.logsumexp(z_ref, -1, keepdim=True)
+        q = torch.sub(z_ref, lse_ref, out=self.upcast(z.shape)).exp_()
+        delta = torch.sub(z, z_ref, out=self.weights(z.shape))
+        ratio = torch.linalg.vecdot(q, torch.clamp(delta, max=_NEAR, out=z_ref).expm1_())
+        far = (delta.amax(-1) > _NEAR) | (ratio.abs() > 0.5)
+        c = torch.log1p(ratio)
+        if bool(far.any()):
+            c = torch.where(far, torch.logsumexp(z, -1) - lse_ref.squeeze(-1), c)
+        d = delta.sub_(c[..., None])
+        near = torch.expm1(d, out=z_ref).mul_(q)
+        away = z.sub_(lse_ref).sub_(c[..., None]).exp_().sub_(q)
+        return torch.where(d.abs() < 0.5, near, away, out=d)
+
     @staticmethod
     def _floored(buffer: Scratch, chunk: Tensor) -> Tensor:
         """``chunk`` in the buffer's dtype with ``-inf`` raised to the lowest finite value."""
@@ -279,6 +305,8 @@ def pair_backward(
     for b, t in row_chunks(groups, logits.shape[-1]):
         if mode == PairMode.KL_FORWARD:
             inner = work.model_kl_gradient(logits[b, t], ref_logits[b, t])
+        elif mode == PairMode.KL_REVERSE:
+            inner = work.reference_kl_gradient(logits[b, t], ref_logits[b, t])
         else:
             logp, logq = work.log_probs(
                 logits[b, t], ref_logits[b, t], safe_targets[b, t], mode, constant
@@ -288,7 +316,7 @@ def pair_backward(
                     logp, logq, mode, constant, out=work.weights(logp.shape)
                 )
                 inner = pair_gradient(logp, weights, scores, out[b, t], mode)
-            else:  # p - q, both from log-softmax (exactly 0 where the logits are equal)
+            else:  # the soft target's p - q, both from log-softmax
                 inner = logp.exp_().sub_(logq.exp_())
         # An ignored row contributes nothing, even where its logits are NaN (padding) or it has
         # no finite target (CE-U, one finite logit): its gradient is 0, not NaN * 0.

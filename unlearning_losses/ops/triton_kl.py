@@ -11,14 +11,16 @@ zero weight times their difference is 0; NaN stays NaN.
 KL without cancellation. With ``delta = z - z_ref`` (exact when the inputs are close) the
 log-ratio is ``d = log p - log q = delta - c`` with the row constant ``c = lse - lse_ref``. When
 the distributions are close, ``lse - lse_ref`` loses the digits that matter, so the forward also
-accumulates ``sum_v e^(z_ref_v - m_ref) expm1(delta_v)``, which is ``s_ref (e^c - 1)``, and takes
+accumulates ``sum_v e^(z_ref_v - m_ref) expm1(delta_v)``, which is ``s_ref (e^c - 1)`` (each term
+by expm1's series where ``|delta| < 1/2``, else as ``e^(z_v - m_ref) - e^(z_ref_v - m_ref)`` from
+the exponentials already taken: two per logit pair in all), and takes
 ``c = log1p(that / s_ref)`` when that ratio is within 1/2 and no ``delta`` exceeds 60 (otherwise
 the log-sum-exps, whose difference is then well-conditioned enough). Then
 
     KL(P || Q) = sum_v p_v delta_v - c,            d / d z_j = p_j (d_j - KL),
     KL(Q || P) = c - sum_v q_v delta_v,            d / d z_j = p_j - q_j = q_j expm1(d_j),
 
-the reverse gradient formed as ``q expm1(d)`` where ``|d| < 1``: exactly 0 at ``p = q``, and
+the reverse gradient formed as ``q expm1(d)`` where ``|d| < 1/2``: exactly 0 at ``p = q``, and
 within the output dtype's rounding of float64 math when they are close. The forward stores ``c``
 beside ``lse`` for the backward.
 
@@ -36,9 +38,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import (
+    EXPM1_SERIES,
     LOWEST,
     block_size,
-    expm1,
+    expm1_series,
     launch_rows,
     log1p,
     online_lse_step,
@@ -51,7 +54,8 @@ KL_FORWARD = tl.constexpr(KERNEL_MODES[PairMode.KL_FORWARD])
 KL_REVERSE = tl.constexpr(KERNEL_MODES[PairMode.KL_REVERSE])
 SOFT_TARGET = tl.constexpr(KERNEL_MODES[PairMode.SOFT_TARGET])
 REFERENCE_CE = tl.constexpr(KERNEL_MODES[PairMode.REFERENCE_CE])
-#: Beyond this log-ratio the forward takes ``c`` from the log-sum-exps (no overflow in expm1).
+#: Beyond this log-ratio the forward takes ``c`` from the log-sum-exps (its sum of
+#: ``e_ref expm1(delta)`` could overflow).
 _NEAR = tl.constexpr(60.0)
 
 
@@ -137,7 +141,11 @@ def _pair_forward_kernel(
         elif MODE <= KL_REVERSE:
             delta = _floored(z) - _floored(z_ref)
             delta_max = tl.maximum(delta_max, tl.max(delta, axis=0))
-            near = near * rescale_ref + tl.sum(e_ref * expm1(tl.minimum(delta, _NEAR)), axis=0)
+            # e_ref expm1(delta) with no exponential of its own: the series near 0, elsewhere
+            # e_ref e^delta - e_ref = e e^(m - m_ref) - e_ref (one exponential per tile).
+            far = e * tl.exp(m - m_ref) - e_ref
+            term = tl.where(tl.abs(delta) < EXPM1_SERIES, e_ref * expm1_series(delta), far)
+            near = near * rescale_ref + tl.sum(term, axis=0)
             if MODE == KL_FORWARD:
                 w = w * rescale + tl.sum(e * delta, axis=0)
             else:
@@ -238,7 +246,9 @@ def _pair_backward_kernel(
             elif MODE == KL_REVERSE:
                 d = z - z_ref - aux
                 q = tl.exp(z_ref - lse + aux)
-                grad = tl.where(tl.abs(d) < 1.0, q * expm1(d), p - q)
+                # q expm1(d) by its series near 0 (no cancellation); p - q is exact enough
+                # beyond, where |p - q| >= 0.39 q.
+                grad = tl.where(tl.abs(d) < EXPM1_SERIES, q * expm1_series(d), p - q)
             elif MODE == SOFT_TARGET:
                 grad = p - tl.exp(z_ref - aux)
             else:
