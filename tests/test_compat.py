@@ -1,7 +1,8 @@
 """The compat functions against transcriptions of the published trainers' semantics.
 
 Each transcription below restates, in plain float32 PyTorch, what the trainer code computes from
-its model outputs (SOUL's trainer code, arXiv 2404.18239; docs/contract.md §4 for open-unlearning).
+its model outputs (SOUL's trainer code, arXiv 2404.18239; docs/conventions.md §4 for
+open-unlearning).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
-from unlearning_losses.compat import open_unlearning, soul
+from unlearning_losses.compat import muse, npo, open_unlearning, soul
 
 RTOL = 1e-6
 
@@ -364,11 +365,62 @@ def test_open_unlearning_rmu_divides_sums_by_counts_with_a_broadcast():
     )
 
 
+@pytest.mark.parametrize(
+    ("dtype", "gradient_rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-8)], ids=str
+)
+@pytest.mark.parametrize("rows_per_chunk", [None, 2])
+def test_muse_raw_logit_terms_match_their_transcription(
+    monkeypatch, dtype, gradient_rtol, rows_per_chunk
+):
+    """MUSE's NPO and KLR on raw logits, in float64 as written there, against ours from float32
+    or bfloat16 logits (accumulated in float32), in one chunk or in chunks of two rows."""
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(muse, "CHUNK_BYTES", 4 * 40 * rows_per_chunk)
+    g = torch.Generator().manual_seed(3)
+    forget, retain = (torch.randn(3, 5, 40, generator=g).to(dtype) for _ in range(2))
+    ref_forget, ref_retain = (
+        x + 0.5 * torch.randn(x.shape, generator=g).to(dtype) for x in (forget, retain)
+    )
+
+    def theirs(x, y):
+        npo_term = -F.logsigmoid(0.5 * (ref_forget.double() - x)).mean() * 2 / 0.5
+        klr = F.kl_div(y, ref_retain.double(), reduction="batchmean", log_target=True)
+        return npo_term + 0.7 * klr
+
+    x, y = (t.clone().requires_grad_(True) for t in (forget, retain))
+    ours = muse.npo_klr_loss(x, ref_forget, y, ref_retain, beta=0.5, coeff=0.7)
+    ours.backward()
+    x64, y64 = (t.double().requires_grad_(True) for t in (forget, retain))
+    expected = theirs(x64, y64)
+    expected.backward()
+    assert ours.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+    for grad, exact in ((x.grad, x64.grad), (y.grad, y64.grad)):
+        torch.testing.assert_close(grad.double(), exact, rtol=gradient_rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [muse.npo_klr_loss, muse.simnpo_klr_loss])
+def test_muse_raw_logit_terms_of_an_empty_batch_are_zero(fn):
+    arguments = {
+        name: torch.zeros(0, 4, 8, requires_grad=not name.startswith("ref_"))
+        for name in inspect.signature(fn).parameters
+        if name.endswith("logits")
+    }
+    value = fn(**arguments)
+    value.backward()
+    assert value.item() == 0.0
+    assert all(
+        t.grad is not None and t.grad.shape == (0, 4, 8)
+        for t in arguments.values()
+        if t.requires_grad
+    )
+
+
 # Every compat function (each a module's own ``*_loss``), for the checks of its arguments: each
 # parameter's name says what it holds.
 COMPAT_FUNCTIONS = [
     fn
-    for module in (soul, open_unlearning)
+    for module in (soul, open_unlearning, muse, npo)
     for name, fn in vars(module).items()
     if name.endswith("_loss")
     and not name.startswith("_")
@@ -452,7 +504,15 @@ def test_compat_names_its_reference_logits_of_another_vocabulary(case):
     assert passes.calls == []
 
 
-@pytest.mark.parametrize("case", TENSOR_ARGUMENTS, ids=case_id)
+#: Arguments no other argument's shape constrains (MUSE's SimNPO reads only the forget logits).
+UNCONSTRAINED = {
+    (fn, "forget_logits") for fn in (muse.simnpo_loss, muse.simnpo_gdr_loss, muse.simnpo_klr_loss)
+}
+
+
+@pytest.mark.parametrize(
+    "case", [case for case in TENSOR_ARGUMENTS if case not in UNCONSTRAINED], ids=case_id
+)
 def test_compat_refuses_a_mismatched_argument_by_name_before_any_pass(case):
     fn, name = case
     arguments = valid_arguments(fn)
@@ -479,6 +539,14 @@ def test_compat_refuses_a_mismatched_argument_by_name_before_any_pass(case):
         (open_unlearning.undial_loss, {"ignore_index": -200}, r"at least 200; got 128$"),
         (soul.npo_loss, {"beta": 0.0}, r"^beta must be > 0"),
         (soul.kl_loss, {"gamma": math.nan}, r"^gamma must be finite"),
+        (muse.npo_loss, {"beta": 0.0}, r"^beta must be > 0"),
+        (muse.simnpo_klr_loss, {"gamma": math.inf}, r"^gamma must be finite"),
+        (muse.ga_gdr_loss, {"npo_coeff": math.nan}, r"^npo_coeff must be finite"),
+        (muse.npo_klr_loss, {"coeff": math.inf}, r"^coeff must be finite"),
+        (npo.kto_sigmoid_loss, {"beta": -1.0}, r"^beta must be > 0"),
+        (npo.npo_kl_loss, {"kl_coeff": math.nan}, r"^kl_coeff must be finite"),
+        (npo.simnpo_grad_diff_loss, {"grad_diff_coeff": math.inf}, r"^grad_diff_coeff must be"),
+        (npo.dpo_kl_loss, {"backend": "cuda"}, r"^backend must be one of"),
     ],
     ids=lambda value: value.__name__ if callable(value) else None,
 )
@@ -496,6 +564,23 @@ def test_open_unlearning_dpo_refuses_unpaired_batches_before_any_pass():
     with LogitsPasses() as passes, pytest.raises(ValueError, match=message):
         open_unlearning.dpo_loss(**arguments)
     assert passes.calls == []
+
+
+@pytest.mark.parametrize("fn", [npo.dpo_loss, npo.dpo_grad_diff_loss, npo.dpo_kl_loss])
+def test_npo_dpo_refuses_unpaired_batches_before_any_pass(fn):
+    arguments = valid_arguments(fn)
+    for name in ("idk_logits", "ref_idk_logits", "idk_labels"):
+        arguments[name] = arguments[name][:1]
+    message = r"^idk_logits must hold as many sequences as forget_logits \(2\); got 1$"
+    with LogitsPasses() as passes, pytest.raises(ValueError, match=message):
+        fn(**arguments)
+    assert passes.calls == []
+
+
+def test_muse_task_vector_refuses_an_unknown_rounding():
+    base = {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    with pytest.raises(ValueError, match=r"^rounding must be one of 'per_operation', 'once'"):
+        muse.negate_task_vector(base, {"w": torch.ones(2, dtype=torch.bfloat16)}, 5.0, rounding="x")
 
 
 def _check_dtensors_refused(rank: int) -> None:

@@ -202,3 +202,65 @@ def test_apply_refuses_a_vector_that_does_not_fit():
         apply_task_vector(base, dict(vector, **{"layer.bias": torch.zeros(5)}), 1.0)
     with pytest.raises(TypeError, match=r"base must be a state dict or an nn.Module; got int"):
         apply_task_vector(3, vector, 1.0)
+
+
+def _second_finetuning(base, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: (t.double() + torch.randn(t.shape, generator=g, dtype=torch.float64)).to(t.dtype)
+        if t.is_floating_point()
+        else t
+        for name, t in base.items()
+    }
+
+
+def test_float64_task_vectors_add_exactly_as_float64_math():
+    """Two vectors of float32 weights: in float64 their sum is the float64 sum of the exact
+    differences, and adding it to the base in float64 rounds once; float32 vectors do not."""
+    base, first = _pair(torch.float32, seed=1, scale=1.0)
+    second = _second_finetuning(base, seed=2)
+    names = ("embed.weight", "layer.bias")
+    exact = {
+        n: (first[n].double() - base[n].double()) + (second[n].double() - base[n].double())
+        for n in names
+    }
+    v, w = (task_vector(base, f, dtype=torch.float64) for f in (first, second))
+    summed = {n: v[n] + w[n] for n in names}
+    assert all(summed[n].dtype == torch.float64 and torch.equal(summed[n], exact[n]) for n in names)
+    applied = apply_task_vector(base, summed, 1.0, dtype=torch.float64)
+    for n in names:
+        assert applied[n].dtype == torch.float64
+        assert torch.equal(applied[n], base[n].double() + exact[n])
+    assert torch.equal(applied["steps"], base["steps"])  # integers copied, not converted
+    v32, w32 = (task_vector(base, f) for f in (first, second))
+    error = max(float(((v32[n] + w32[n]).double() - exact[n]).abs().max()) for n in names)
+    assert 0 < error < 1e-6  # float32 rounds each vector and their sum
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_task_vector_is_the_difference_rounded_once_to_dtype(dtype):
+    base, finetuned = _pair(torch.float32, scale=1.0)
+    vector = task_vector(base, finetuned, dtype=dtype)
+    for n, v in vector.items():
+        assert v.dtype == dtype
+        assert torch.equal(v, (finetuned[n].double() - base[n].double()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float64", None])
+def test_task_vector_dtype_must_be_a_floating_dtype(dtype):
+    base, finetuned = _pair(torch.float32)
+    shown = dtype if isinstance(dtype, torch.dtype) else type(dtype).__name__
+    message = rf"^dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.float64; got {shown}$"
+    with pytest.raises(TypeError, match=message):
+        task_vector(base, finetuned, dtype=dtype)
+    if dtype is not None:  # None is apply_task_vector's default: the base's dtypes
+        with pytest.raises(TypeError, match=message):
+            apply_task_vector(base, task_vector(base, finetuned), 1.0, dtype=dtype)
+
+
+def test_a_difference_beyond_the_vectors_dtype_names_the_tensor():
+    base = {"w": torch.tensor([32768.0], dtype=torch.bfloat16)}
+    finetuned = {"w": torch.tensor([-32768.0], dtype=torch.bfloat16)}
+    assert task_vector(base, finetuned)["w"].item() == -65536.0
+    with pytest.raises(ValueError, match=r"the result for 'w' is not finite in torch.float16"):
+        task_vector(base, finetuned, dtype=torch.float16)

@@ -2,8 +2,9 @@
 
 theta_c is the model to clean and theta_* that model fine-tuned further on the forget set (Ilharco
 et al., 2023, "Editing Models with Task Arithmetic"; MUSE uses alpha = 5). Every result is
-computed tensor by tensor in float64, in bounded slices, and rounded once to the stored dtype, so
-it is the exact result correctly rounded. Integer and bool tensors (step counters, position ids)
+computed tensor by tensor in float64, in bounded slices, and rounded once to the stored dtype (or
+the ``dtype`` asked for), so it is the exact result correctly rounded; MUSE's own arithmetic, which
+rounds after each operation, is ``compat.muse.negate_task_vector``. Integer and bool tensors (step counters, position ids)
 are never part of the arithmetic: they are copied when equal in both models, an error otherwise.
 Tensors that share storage (tied embeddings) are computed once and share storage in the result.
 Inputs are never modified.
@@ -27,55 +28,92 @@ StateDict = Mapping[str, Tensor]
 SLICE_ELEMENTS = 1 << 20
 
 
-def task_vector(base: StateDict | nn.Module, finetuned: StateDict | nn.Module) -> dict[str, Tensor]:
-    """The task vector ``finetuned - base`` of every floating tensor, in float32.
+def task_vector(
+    base: StateDict | nn.Module,
+    finetuned: StateDict | nn.Module,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """The task vector ``finetuned - base`` of every floating tensor, in ``dtype``.
+
+    Each difference is computed in float64 and rounded once to ``dtype``. The float32 default
+    holds the difference of two bfloat16 or float16 weights exactly; pass ``torch.float64`` to
+    add or scale vectors of float32 weights without a rounding per vector (summing two float32
+    vectors of float32 weights is off by up to an ulp of float32, 6e-8 relative).
 
     Args:
         base: the model before fine-tuning (state dict or module).
         finetuned: the same model fine-tuned further (same keys, shapes and float dtypes).
+        dtype: the vector's floating dtype (float16, bfloat16, float32 or float64).
 
     Returns:
-        ``{name: (finetuned - base).float()}`` for the floating tensors; integer and bool tensors
-        (which must be equal) are left out.
+        ``{name: finetuned - base}`` for the floating tensors; integer and bool tensors (which
+        must be equal) are left out.
 
     Raises:
-        ValueError: keys, shapes or integer tensors differ, or the vector is all zero.
-        TypeError: float dtypes differ.
+        ValueError: keys, shapes or integer tensors differ, the vector is all zero, or a
+            difference is not finite in ``dtype`` (named).
+        TypeError: float dtypes differ, or ``dtype`` is not a floating dtype.
 
     Example:
         >>> import torch
         >>> base, tuned = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.5, 1.0])}
         >>> task_vector(base, tuned)
         {'w': tensor([ 0.5000, -1.0000])}
+        >>> task_vector(base, tuned, dtype=torch.float64)["w"].dtype
+        torch.float64
     """
     base, finetuned = _state(base, "base"), _state(finetuned, "finetuned")
+    dtype = _check_float_dtype(dtype, "dtype")
     _check_compatible(base, finetuned, allow_dtype_mismatch=False)
-    vector = {
-        name: (finetuned[name].double() - tensor.double()).float()
-        for name, tensor in base.items()
-        if tensor.is_floating_point()
-    }
-    if all(not bool(v.any()) for v in vector.values()):
+    floating = {name: tensor for name, tensor in base.items() if tensor.is_floating_point()}
+    if all(torch.equal(tensor, finetuned[name]) for name, tensor in floating.items()):
         raise ValueError("finetuned equals base: the task vector is all zero")
-    return vector
+    return {
+        name: combine_tensor(
+            name, tensor, functools.partial(_difference, finetuned, name), out_dtype=dtype
+        )
+        for name, tensor in floating.items()
+    }
+
+
+def _difference(finetuned: Mapping[str, Tensor], name: str, part: slice, base: Tensor) -> Tensor:
+    return _other(finetuned, name, part) - base
+
+
+def _check_float_dtype(dtype: object, name: str) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or dtype not in _checks.FLOAT_DTYPES:
+        shown = dtype if isinstance(dtype, torch.dtype) else type(dtype).__name__
+        raise TypeError(
+            f"{name} must be torch.float16, torch.bfloat16, torch.float32 or torch.float64; "
+            f"got {shown}"
+        )
+    return dtype
 
 
 def apply_task_vector(
-    base: StateDict | nn.Module, vector: StateDict, scale: float
+    base: StateDict | nn.Module,
+    vector: StateDict,
+    scale: float,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """``base + scale * vector`` for every floating tensor, rounded once to the base's dtype.
+    """``base + scale * vector`` for every floating tensor, computed in float64 and rounded once
+    to ``dtype`` (default: each tensor's dtype in the base).
 
     ``apply_task_vector(base, task_vector(base, finetuned), 1.0)`` gives back ``finetuned`` up to
-    the float32 rounding of the vector. Tensors absent from ``vector`` must be integer or bool and
-    are copied.
+    the rounding of the vector. Tensors absent from ``vector`` must be integer or bool and are
+    copied.
 
     Args:
         base: the base model or its state dict.
-        vector: a task vector, as :func:`task_vector` returns it.
+        vector: a task vector, as :func:`task_vector` returns it (any floating dtype).
         scale: its multiplier: -1 to forget what the fine-tuning taught (negation), 1 to add it.
+        dtype: the floating dtype of the result's floating tensors (float16, bfloat16, float32
+            or float64); ``None`` keeps the base's.
 
     Returns:
-        A new state dict in the base's dtypes.
+        A new state dict, in the base's dtypes or ``dtype``.
 
     Example:
         >>> import torch
@@ -85,6 +123,8 @@ def apply_task_vector(
     """
     base = _state(base, "base")
     scale = _checks.check_finite_number(scale, "scale")
+    if dtype is not None:
+        dtype = _check_float_dtype(dtype, "dtype")
     missing = sorted(n for n, t in base.items() if t.is_floating_point() and n not in vector)
     extra = sorted(set(vector) - set(base))
     if missing or extra:
@@ -98,7 +138,9 @@ def apply_task_vector(
                 f"vector[{name!r}] must have shape {tuple(base[name].shape)}; got {tuple(delta.shape)}"
             )
     check_ties({n: f for n, f in tied_names(base).items() if n in vector}, vector.__getitem__)
-    return _elementwise(base, lambda name, part, b: b + scale * _other(vector, name, part))
+    return elementwise(
+        base, lambda name, part, b: b + scale * _other(vector, name, part), out_dtype=dtype
+    )
 
 
 def negate_task_vector(
@@ -142,7 +184,7 @@ def negate_task_vector(
         torch.equal(t, finetuned[n].to(t.dtype)) for n, t in base.items() if t.is_floating_point()
     ):
         raise ValueError("finetuned equals base: the task vector is all zero")
-    return _elementwise(base, lambda name, part, b: b - alpha * (_other(finetuned, name, part) - b))
+    return elementwise(base, lambda name, part, b: b - alpha * (_other(finetuned, name, part) - b))
 
 
 def _state(model: StateDict | nn.Module, name: str) -> dict[str, Tensor]:
@@ -257,9 +299,12 @@ def combine_tensor(
     tensor: Tensor,
     formula: Callable[[slice, Tensor], Tensor],
     out_dtype: torch.dtype | None = None,
+    *,
+    compute_dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:
-    """``formula(part, tensor_part_float64)`` over float64 slices of the flattened ``tensor``,
-    rounded once to ``out_dtype`` (default: the tensor's dtype).
+    """``formula(part, tensor_part)`` over slices of the flattened ``tensor``, the part in
+    ``compute_dtype`` (``None``: the tensor's own dtype, for arithmetic that rounds after each
+    operation), rounded once to ``out_dtype`` (default: the tensor's dtype).
 
     Raises:
         ValueError: a result is NaN, infinite or beyond the range of ``out_dtype`` (named).
@@ -270,7 +315,7 @@ def combine_tensor(
     limit = torch.finfo(out_dtype).max
     for start in range(0, flat_in.numel(), SLICE_ELEMENTS):
         part = slice(start, min(start + SLICE_ELEMENTS, flat_in.numel()))
-        values = formula(part, flat_in[part].double())
+        values = formula(part, flat_in[part].to(compute_dtype or tensor.dtype))
         if not bool((values.abs() <= limit).all()):  # also false for NaN and inf
             raise ValueError(
                 f"the result for {name!r} is not finite in {out_dtype} (overflow or non-finite "
@@ -316,7 +361,13 @@ def storage_key(tensor: Tensor) -> tuple:
     )
 
 
-def _elementwise(base: dict[str, Tensor], formula: Formula) -> dict[str, Tensor]:
+def elementwise(
+    base: dict[str, Tensor],
+    formula: Formula,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = torch.float64,
+) -> dict[str, Tensor]:
     """Apply ``formula`` to every floating tensor (see :func:`combine_tensor`); copy the others.
     Shared storage is computed once and stays shared."""
     result: dict[str, Tensor] = {}
@@ -327,7 +378,13 @@ def _elementwise(base: dict[str, Tensor], formula: Formula) -> dict[str, Tensor]
             continue
         key = storage_key(tensor)
         if key not in computed:
-            computed[key] = combine_tensor(name, tensor, functools.partial(formula, name))
+            computed[key] = combine_tensor(
+                name,
+                tensor,
+                functools.partial(formula, name),
+                out_dtype,
+                compute_dtype=compute_dtype,
+            )
         result[name] = computed[key]
     return result
 
