@@ -23,8 +23,15 @@ from dataclasses import dataclass
 
 import triton
 
-from unlearning_losses.ops import _triton_common, triton_kl, triton_logprobs
+from unlearning_losses.ops import (
+    _triton_common,
+    triton_jsd,
+    triton_kl,
+    triton_logprobs,
+    triton_vocab_stats,
+)
 from unlearning_losses.ops.numerics import KERNEL_MODES
+from unlearning_losses.ops.vocab_numerics import KERNEL_VOCAB_MODES
 
 #: (name, kernel, constexpr flags, logit tensors read per element) of every kernel launched.
 KERNELS = [
@@ -38,6 +45,16 @@ KERNELS = [
         )
         for mode, number in KERNEL_MODES.items()
     ),
+    *(
+        (f"{kind} ({mode.value.replace('_', ' ')})", kernel, {"MODE": number}, 1)
+        for kind, kernel in (
+            ("vocab-stats forward", triton_vocab_stats._vocab_stats_forward_kernel),
+            ("vocab-stats backward", triton_vocab_stats._vocab_stats_backward_kernel),
+        )
+        for mode, number in KERNEL_VOCAB_MODES.items()
+    ),
+    ("jsd forward", triton_jsd._jsd_forward_kernel, {}, 2),
+    ("jsd backward", triton_jsd._jsd_backward_kernel, {}, 2),
 ]
 
 
@@ -81,14 +98,15 @@ def configs(
 
 def _signature(kernel, dtype: str) -> dict[str, str]:
     """Argument types from the kernels' naming: ``*_ptr`` of the logits' dtype for logits and
-    gradients, int64 targets, bool masks, float32 elsewhere; int32 sizes, int64 strides."""
+    gradients, int64 targets and columns, bool masks, float32 elsewhere; int32 sizes, int64
+    strides."""
     types = {}
     for arg in kernel.arg_names:
         if arg.isupper():
             types[arg] = "constexpr"
         elif arg in ("logits_ptr", "ref_ptr", "grad_ptr"):
             types[arg] = f"*{dtype}"
-        elif arg == "targets_ptr":
+        elif arg in ("targets_ptr", "index_ptr"):
             types[arg] = "*i64"
         elif arg == "valid_ptr":
             types[arg] = "*i1"
@@ -96,7 +114,7 @@ def _signature(kernel, dtype: str) -> dict[str, str]:
             types[arg] = "*fp32"
         elif arg.startswith("stride_"):
             types[arg] = "i64"
-        elif arg in ("length", "vocab"):
+        elif arg in ("length", "vocab", "rows"):
             types[arg] = "i32"
         else:
             types[arg] = "fp32"

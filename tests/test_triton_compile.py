@@ -38,6 +38,10 @@ EXPS_PER_LOGIT = {
     "pair backward (kl reverse": 2.0,  # p and q; q expm1(d) by its series
     "pair forward (soft": 2.5,
     "pair forward (reference": 5.0,  # a second pass: p, q and log(q + eps)
+    "vocab-stats forward": 1.25,  # the log-prob forward's pass, one more reduction per row
+    "jsd forward": 5.5,  # both log-sum-exps, then a second pass: p, q and the exp of expm1
+    "vocab-stats backward": 1.0,  # p only
+    "jsd backward": 2.0,  # p and the exp of expm1
 }
 CONFIGS = list(triton_static.configs())
 

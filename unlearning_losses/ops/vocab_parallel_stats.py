@@ -1,0 +1,208 @@
+"""The vocabulary statistics (``vocab_numerics``) over vocabulary-parallel (tensor-parallel) logits.
+
+Each rank of the group holds a contiguous slice of the columns, of any width (see
+``vocab_parallel``). A row's statistics are joined with two ``all_reduce`` calls: a ``MAX`` of the
+local log-sum-exps, with the inverted hinge's largest other logit, and a ``SUM`` of the rescaled
+partial sums of exponentials, with ME's count and sum of finite logits and the label's logit. The
+inverted hinge takes its runner-up's column (the first on ties) with a ``MIN``; the JSD needs one
+more ``SUM`` for its terms once both global log-sum-exps are known. Each backward is local, from
+the global per-row statistics the forward saves. The per-chunk computations are
+``chunked_stats``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..sharding import VocabShard
+from .autocast import without_autocast
+from .chunked import row_chunks, row_groups, zero_ignored_rows_, zero_outside
+from .chunked_stats import (
+    hinge_partials,
+    hinge_probs_term,
+    jsd_model_gradient,
+    jsd_partials,
+    uniform_kl_gradient,
+    uniform_kl_partials,
+    vocab_coefficients,
+)
+from .numerics import accumulation_dtype, floored_logprob
+from .vocab_numerics import (
+    JSD_STATS,
+    STATS,
+    VocabMode,
+    hinge_value,
+    jsd_value,
+    uniform_kl_value,
+)
+
+
+def _joined(
+    local_lse: Tensor, group: object, maxima: Tensor | None = None, sums: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Global log-sum-exps of per-rank ones ``(k, B, L)`` in two ``all_reduce`` calls, the first
+    also taking the maximum of ``maxima`` over the ranks, the second the sum of ``sums``."""
+    count = len(local_lse)
+    top = local_lse.clone() if maxima is None else torch.cat([local_lse, maxima])
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    # A row that is -inf everywhere keeps its -inf log-sum-exp instead of turning NaN.
+    centre = torch.where(torch.isfinite(top[:count]), top[:count], 0.0)
+    partial = torch.exp(local_lse - centre)
+    if sums is not None:
+        partial = torch.cat([partial, sums])
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    lse = centre + torch.log(partial[:count])
+    return (
+        lse,
+        top[count:] if maxima is not None else None,
+        partial[count:] if sums is not None else None,
+    )
+
+
+class VocabParallelStats(torch.autograd.Function):
+    """ME's KL from the uniform distribution or the inverted hinge (``mode``) per row of
+    ``logits[:, :L]``, the vocabulary sharded over ``vocab.group``."""
+
+    @staticmethod
+    @without_autocast
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        targets: Tensor,
+        valid: Tensor,
+        mode: VocabMode,
+        vocab: VocabShard,
+    ) -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        local_vocab = logits.shape[-1]
+        groups = row_groups(valid, local_vocab)
+        # ME: log-sum-exp, count and sum of finite logits; IHL: log-sum-exp, label logit (0 off
+        # this rank), largest other logit. A rank that holds no column adds nothing to them.
+        partials = torch.zeros((3, *valid.shape), dtype=acc, device=logits.device)
+        partials[0] = float("-inf")
+        if mode == VocabMode.INVERTED_HINGE:
+            partials[2] = float("-inf")
+        local_targets = targets - vocab.offset
+        has_label = valid & (local_targets >= 0) & (local_targets < local_vocab)
+        local_targets = torch.where(has_label, local_targets, 0)
+        columns = torch.zeros(valid.shape, dtype=torch.long, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
+            x = logits[b, t].to(acc)
+            if mode == VocabMode.UNIFORM_KL:
+                for row, value in enumerate(uniform_kl_partials(x)):
+                    partials[row, b, t] = value
+            else:
+                lse, label, other, column = hinge_partials(
+                    x, local_targets[b, t, None], has_label[b, t]
+                )
+                partials[0, b, t], partials[1, b, t], partials[2, b, t] = lse, label, other
+                columns[b, t] = column
+        stats = torch.zeros((STATS, *valid.shape), dtype=acc, device=logits.device)
+        index = torch.full(valid.shape, -1, dtype=torch.long, device=logits.device)
+        if mode == VocabMode.UNIFORM_KL:
+            lse, _, sums = _joined(partials[:1], vocab.group, sums=partials[1:3])
+            assert sums is not None
+            stats[0], stats[1], stats[2] = lse[0], sums[0], sums[1]
+            value = uniform_kl_value(*stats)
+        else:
+            lse, maxima, sums = _joined(
+                partials[:1], vocab.group, maxima=partials[2:], sums=partials[1:2]
+            )
+            assert maxima is not None and sums is not None
+            lse, other, label = lse[0], maxima[0], sums[0]
+            # The runner-up's global column: the first among the ranks that hold its logit.
+            local_other = partials[2]
+            holds = (local_other == other) & (local_other > float("-inf"))
+            none = torch.iinfo(torch.long).max
+            index = torch.where(holds, columns + vocab.offset, none)
+            dist.all_reduce(index, op=dist.ReduceOp.MIN, group=vocab.group)
+            index = torch.where(index == none, -1, index)
+            stats[0] = lse
+            stats[1] = floored_logprob(label - lse, lse)
+            stats[2] = other - lse
+            value = hinge_value(stats[1], stats[2])
+        out = torch.where(valid, value, 0.0)
+        ctx.save_for_backward(logits, local_targets, has_label, valid, stats, index)
+        ctx.groups, ctx.mode, ctx.offset = groups, mode, vocab.offset
+        return out
+
+    @staticmethod
+    @once_differentiable
+    @without_autocast
+    def backward(ctx: Any, grad_out: Tensor):
+        logits, local_targets, has_label, valid, stats, index = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        zero_outside(grad, ctx.groups)
+        local_vocab = logits.shape[-1]
+        coefficients = vocab_coefficients(grad_out, valid, stats, ctx.mode)
+        local_index = index - ctx.offset
+        has_other = valid & (local_index >= 0) & (local_index < local_vocab) & (index >= 0)
+        local_index = torch.where(has_other, local_index, 0)
+        for b, t in row_chunks(ctx.groups, local_vocab) if local_vocab else ():
+            x = logits[b, t].to(stats.dtype)
+            if ctx.mode == VocabMode.UNIFORM_KL:
+                inner = uniform_kl_gradient(
+                    x, stats[0, b, t], coefficients[0][b, t], coefficients[1][b, t]
+                )
+            else:
+                on_probs, label_term, other_term = (c[b, t, None] for c in coefficients)
+                inner = hinge_probs_term(x, stats[0, b, t], on_probs.squeeze(-1))
+                # The label's and the runner-up's columns each live on one rank only.
+                for column, held, term in (
+                    (local_index[b, t, None], has_other[b, t, None], other_term),
+                    (local_targets[b, t, None], has_label[b, t, None], label_term),
+                ):
+                    inner.scatter_(-1, column, torch.where(held, term, inner.gather(-1, column)))
+            zero_ignored_rows_(inner, valid[b, t])
+            grad[b, t] = inner
+        return grad, None, None, None, None
+
+
+class VocabParallelJSD(torch.autograd.Function):
+    """The generalised JSD per row of ``[:, :L]`` between the model's and the reference's
+    distributions, both sharded on the vocabulary over ``group``."""
+
+    @staticmethod
+    @without_autocast
+    def forward(
+        ctx: Any, logits: Tensor, ref_logits: Tensor, valid: Tensor, beta: float, group: object
+    ) -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        local_vocab = logits.shape[-1]
+        groups = row_groups(valid, local_vocab)
+        local_lse = torch.full((2, *valid.shape), float("-inf"), dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
+            local_lse[0, b, t] = torch.logsumexp(logits[b, t].to(acc), -1)
+            local_lse[1, b, t] = torch.logsumexp(ref_logits[b, t].to(acc), -1)
+        lse, _, _ = _joined(local_lse, group)
+        stats = torch.zeros((JSD_STATS, *valid.shape), dtype=acc, device=logits.device)
+        stats[:2] = lse
+        for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
+            x, ref = logits[b, t].to(acc), ref_logits[b, t].to(acc)
+            stats[2, b, t], stats[3, b, t] = jsd_partials(x, ref, lse[0, b, t], lse[1, b, t], beta)
+        dist.all_reduce(stats[2:], op=dist.ReduceOp.SUM, group=group)
+        out = torch.where(valid, jsd_value(stats[2], stats[3], beta), 0.0)
+        ctx.save_for_backward(logits, ref_logits, valid, stats)
+        ctx.groups, ctx.beta = groups, beta
+        return out
+
+    @staticmethod
+    @once_differentiable
+    @without_autocast
+    def backward(ctx: Any, grad_out: Tensor):
+        logits, ref_logits, valid, stats = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        zero_outside(grad, ctx.groups)
+        scale = torch.where(valid, grad_out.to(stats.dtype), 0.0) * ctx.beta
+        for b, t in row_chunks(ctx.groups, logits.shape[-1]) if logits.shape[-1] else ():
+            x, ref = logits[b, t].to(stats.dtype), ref_logits[b, t].to(stats.dtype)
+            row_stats = stats[0, b, t], stats[1, b, t], stats[2, b, t]
+            inner = jsd_model_gradient(x, ref, *row_stats, ctx.beta)
+            zero_ignored_rows_(inner, valid[b, t])
+            grad[b, t] = inner.mul_(scale[b, t, None])
+        return grad, None, None, None, None
