@@ -229,28 +229,33 @@ class PairWorkspace:
         return delta.sub_(centre[..., None]).mul_(p)
 
     def reference_kl_gradient(self, logits: Tensor, ref_logits: Tensor) -> Tensor:
-        """d KL(Q || P) / d logits of one chunk, ``p - q``, formed as ``q expm1(d)`` where the
-        log-ratio ``|d| < 1/2``: no difference of two rounded softmaxes where P is near Q.
+        """d KL(Q || P) / d logits of one chunk, ``p - q``, formed as ``q expm1(d)``: no
+        difference of two rounded softmaxes where P is near Q.
 
         ``d = delta - c`` with ``delta = z - z_ref`` and the row constant ``c = lse - lse_ref``
         taken as ``log1p(sum_v q_v expm1(delta_v))``, exact when the rows are close (the
-        difference of two log-sum-exps keeps only the digits they share); rows far apart (a
-        ratio beyond 1/2 or a ``delta`` beyond 60) take the log-sum-exps. Elsewhere ``p - q``
-        with ``p = exp(z - lse_ref - c)``, where ``|p - q| >= 0.39 q``.
+        difference of two log-sum-exps keeps only the digits they share); rows far apart (that
+        sum beyond 1/2 or a ``delta`` beyond 60) take the log-sum-exps. ``expm1`` is accurate
+        for any ``d``; where ``d`` exceeds 60 (``q`` below float32's range relative to ``p``) the
+        entry is ``p`` itself.
         """
         z, z_ref = self._floored(self.logp, logits), self._floored(self.logq, ref_logits)
-        lse_ref = torch.logsumexp(z_ref, -1, keepdim=True)
-        q = torch.sub(z_ref, lse_ref, out=self.upcast(z.shape)).exp_()
+        q = torch.softmax(z_ref, -1, out=self.upcast(z.shape))
         delta = torch.sub(z, z_ref, out=self.weights(z.shape))
         ratio = torch.linalg.vecdot(q, torch.clamp(delta, max=_NEAR, out=z_ref).expm1_())
-        far = (delta.amax(-1) > _NEAR) | (ratio.abs() > 0.5)
         c = torch.log1p(ratio)
+        far = (delta.amax(-1) > _NEAR) | (ratio.abs() > 0.5)
         if bool(far.any()):
-            c = torch.where(far, torch.logsumexp(z, -1) - lse_ref.squeeze(-1), c)
+            lse = torch.logsumexp(z, -1)
+            lse_ref = torch.logsumexp(self._floored(self.logq, ref_logits), -1)
+            c = torch.where(far, lse - lse_ref, c)
         d = delta.sub_(c[..., None])
-        near = torch.expm1(d, out=z_ref).mul_(q)
-        away = z.sub_(lse_ref).sub_(c[..., None]).exp_().sub_(q)
-        return torch.where(d.abs() < 0.5, near, away, out=d)
+        grad = torch.clamp(d, max=_NEAR, out=z_ref).expm1_().mul_(q)
+        beyond = d > _NEAR
+        if bool(beyond.any()):
+            lse = torch.logsumexp(z, -1, keepdim=True).expand_as(z)
+            grad[beyond] = (z[beyond] - lse[beyond]).exp()
+        return grad
 
     @staticmethod
     def _floored(buffer: Scratch, chunk: Tensor) -> Tensor:
