@@ -1,4 +1,5 @@
-"""Every refused input raises TypeError or ValueError naming the argument (docs/contract.md §6)."""
+"""Every refused input raises TypeError or ValueError naming the argument
+(docs/conventions.md §6)."""
 
 from __future__ import annotations
 

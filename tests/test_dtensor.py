@@ -189,11 +189,6 @@ def _check_refusals(rank: int) -> None:
             r"logits is a DTensor, whose placements give its groups",
         ),
         (
-            lambda: ul.undial_loss(by_vocab, ref_logits, labels),
-            r"logits is sharded on its last dimension",
-        ),
-        (lambda: ul.ceu_loss(by_vocab, labels), r"logits is sharded on its last dimension"),
-        (
             lambda: ul.logit_margin_loss(by_vocab, labels),
             r"logits is sharded on its last dimension",
         ),
@@ -239,6 +234,10 @@ def _check_refusals(rank: int) -> None:
                 vocab_group=line.get_group(),
                 inplace_backward=True,
             ),
+            r"inplace_backward=True is not available with vocab_group",
+        ),
+        (
+            lambda: ul.undial_loss(by_vocab, by_vocab, labels, inplace_backward=True),
             r"inplace_backward=True is not available with vocab_group",
         ),
     ]

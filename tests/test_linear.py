@@ -13,20 +13,25 @@ from hypothesis import strategies as st
 
 import unlearning_losses as ul
 from unlearning_losses.ops import linear as linear_ops
+from unlearning_losses.testing import Batch, Entry, entries, entry
 from unlearning_losses.testing import reference as ref
 
-LOSSES = [
-    "token_logprobs",
-    "ga",
-    "nll",
-    "nll_none",
-    "npo",
-    "npo_token",
-    "simnpo",
-    "kl",
-    "kl_reverse",
-    "kl_all",
-]
+
+def _variants(*reductions: str) -> dict[str, tuple[Entry, dict]]:
+    """Every registered fused-linear loss as registered and, where it takes a reduction, with
+    each of ``reductions``: name -> (entry, options)."""
+    table: dict[str, tuple[Entry, dict]] = {}
+    for e in entries("hidden"):
+        table[e.name] = (e, {})
+        for reduction in reductions if "reduction" in e.takes else ():
+            table[f"{e.name}, reduction={reduction}"] = (e, {"reduction": reduction})
+    return table
+
+
+# Per-token and per-sequence values ("none") get their own upstream gradient per element.
+VARIANTS = _variants("none", "sum")
+#: What the parametrised tests run; a sum only rescales the mean, so Hypothesis draws those.
+LOSSES = sorted(name for name, (_, options) in VARIANTS.items() if options != {"reduction": "sum"})
 
 
 def _mapped(logits, scale=1.0, softcap=None):
@@ -36,86 +41,42 @@ def _mapped(logits, scale=1.0, softcap=None):
 
 
 def _pair(name, ref_hidden, labels, chunk_rows, scale=1.0, softcap=None):
-    """(fused-linear call, logits-version call) of one loss, as functions of (h, W, b)."""
-    opts = {"chunk_rows": chunk_rows}
+    """(fused-linear call, logits-version call) of one variant, as functions of (h, W, b). The
+    reference is ``ref_hidden`` through the same head (a constant): the fused call reads the
+    hidden states, the logits version their logits; both read the same cached log-probs."""
+    e, options = VARIANTS[name]
+    twin = entry(e.on_logits)
+    head_options = {"chunk_rows": chunk_rows}
     if (scale, softcap) != (1.0, None):
-        opts.update(logit_scale=scale, logit_softcap=softcap)
+        head_options.update(logit_scale=scale, logit_softcap=softcap)
 
-    def ref_logits(W, b):
-        return _mapped(F.linear(ref_hidden, W, b), scale, softcap).detach()
+    def reference(W, b):
+        ref_logits = _mapped(F.linear(ref_hidden, W, b), scale, softcap).detach()
+        return ref_logits, ul.token_logprobs(ref_logits, labels)
 
-    return {
-        "token_logprobs": (
-            lambda h, W, b: ul.linear_token_logprobs(h, W, labels, bias=b, **opts),
-            lambda z, W, b: ul.token_logprobs(z, labels),
-        ),
-        "ga": (
-            lambda h, W, b: ul.linear_ga_loss(h, W, labels, bias=b, **opts),
-            lambda z, W, b: ul.ga_loss(z, labels),
-        ),
-        "nll": (
-            lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b, reduction="sum", **opts),
-            lambda z, W, b: ul.nll_loss(z, labels, reduction="sum"),
-        ),
-        "nll_none": (
-            lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b, reduction="none", **opts),
-            lambda z, W, b: ul.nll_loss(z, labels, reduction="none"),
-        ),
-        "npo": (
-            lambda h, W, b: ul.linear_npo_loss(
-                h, W, labels, bias=b, ref_hidden=ref_hidden, ref_bias=b.detach(), beta=0.5, **opts
-            ),
-            lambda z, W, b: ul.npo_loss(z, labels, ref_logits=ref_logits(W, b), beta=0.5),
-        ),
-        "npo_token": (
-            lambda h, W, b: ul.linear_npo_loss(
-                h,
-                W,
-                labels,
-                bias=b,
-                ref_hidden=ref_hidden,
-                ref_bias=b.detach(),
-                granularity="token",
-                reduction="none",
-                **opts,
-            ),
-            lambda z, W, b: ul.npo_loss(
-                z, labels, ref_logits=ref_logits(W, b), granularity="token", reduction="none"
-            ),
-        ),
-        "simnpo": (
-            lambda h, W, b: ul.linear_simnpo_loss(h, W, labels, bias=b, reduction="none", **opts),
-            lambda z, W, b: ul.simnpo_loss(z, labels, reduction="none"),
-        ),
-        "kl": (
-            lambda h, W, b: ul.linear_kl_divergence(
-                h, W, ref_hidden, labels=labels, bias=b, ref_bias=b.detach(), **opts
-            ),
-            lambda z, W, b: ul.kl_divergence(z, ref_logits(W, b), labels),
-        ),
-        "kl_reverse": (
-            lambda h, W, b: ul.linear_kl_loss(
-                h,
-                W,
-                ref_hidden,
-                labels=labels,
-                bias=b,
-                ref_bias=b.detach(),
-                direction="reverse",
-                **opts,
-            ),
-            lambda z, W, b: ul.kl_loss(z, ref_logits(W, b), labels, direction="reverse"),
-        ),
-        "kl_all": (
-            lambda h, W, b: ul.linear_kl_divergence(
-                h, W, ref_hidden, bias=b, ref_bias=b.detach(), **opts
-            ),
-            lambda z, W, b: ul.kl_divergence(z, ref_logits(W, b)),
-        ),
-    }[name]
+    def fused(h, W, b):
+        ref_logprobs = reference(W, b)[1]
+        batch = Batch(labels, ref_logprobs=ref_logprobs, weight=W, bias=b, ref_hidden=ref_hidden)
+        return e(h, batch, **options, **head_options)
+
+    def logits_version(z, W, b):
+        return twin(z, Batch(labels, *reference(W, b)), **options)
+
+    return fused, logits_version
+
+
+def _upstream(value):
+    """The gradient that reaches a loss from above: not 1, and another per element of a
+    per-token or per-sequence value ("not the last layer")."""
+    if value.dim() == 0:
+        return 0.7
+    g = torch.Generator().manual_seed(11)
+    return 0.5 + torch.rand(value.shape, generator=g, dtype=value.dtype)
 
 
 def _run(fn, h, W, b, upstream, through_logits: bool, frozen_head: bool = False, head_map=()):
+    """The value and the gradients of (h, W, b), None where not trained; ``upstream`` None
+    takes :func:`_upstream`'s."""
     trained = (True, not frozen_head, not frozen_head)
     leaves = [t.detach().clone().requires_grad_(g) for t, g in zip((h, W, b), trained, strict=True)]
     value = (
@@ -123,12 +84,12 @@ def _run(fn, h, W, b, upstream, through_logits: bool, frozen_head: bool = False,
         if through_logits
         else fn(*leaves)
     )
-    (value * upstream).sum().backward()
+    (value * (_upstream(value) if upstream is None else upstream)).sum().backward()
     return [value.detach()] + [t.grad for t in leaves]
 
 
 @given(
-    st.sampled_from(LOSSES),
+    st.sampled_from(sorted(VARIANTS)),
     st.integers(1, 3),
     st.integers(1, 6),
     st.integers(1, 9),
@@ -291,9 +252,12 @@ def test_a_second_backward_through_a_fused_token_mean_is_refused():
         loss.backward()
 
 
-@pytest.mark.parametrize("loss", ["npo_sequence", "npo_token", "simnpo"])
-def test_fused_linear_sequence_losses_take_global_counts(loss):
-    """Two halves of a batch, each divided by the whole batch's count, add up to the whole."""
+@pytest.mark.parametrize(
+    "name", [e.name for e in entries("hidden") if e.labelled and e.count is not None]
+)
+def test_fused_linear_means_take_global_counts(name):
+    """Two halves of a batch, each divided by the whole batch's count (of tokens or of
+    sequences, as the loss averages), add up to the whole."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
     W = torch.randn(20, 8, generator=g, dtype=torch.float64)
@@ -301,22 +265,13 @@ def test_fused_linear_sequence_losses_take_global_counts(loss):
     labels[0, :4] = -100
     labels[3] = -100  # an empty sequence: not counted
     ref_lp = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    ref_h = h + 0.3 * torch.randn(h.shape, generator=g, dtype=torch.float64)
+    batch = Batch(labels, ref_logprobs=ref_lp, weight=W, ref_hidden=ref_h)
+    e = entry(name)
     counts = ul.global_counts(labels)
-    fns = {
-        "npo_sequence": lambda h, y, r, **kw: ul.linear_npo_loss(h, W, y, ref_logprobs=r, **kw),
-        "npo_token": lambda h, y, r, **kw: ul.linear_npo_loss(
-            h, W, y, ref_logprobs=r, granularity="token", **kw
-        ),
-        "simnpo": lambda h, y, r, **kw: ul.linear_simnpo_loss(h, W, y, **kw),
-    }
-    fn = fns[loss]
-    count = (
-        {"num_items_in_batch": counts.tokens}
-        if loss == "npo_token"
-        else {"num_sequences": counts.sequences}
-    )
-    whole = fn(h, labels, ref_lp)
-    halves = fn(h[:2], labels[:2], ref_lp[:2], **count) + fn(h[2:], labels[2:], ref_lp[2:], **count)
+    count = {e.count: counts.tokens if e.count == "num_items_in_batch" else counts.sequences}
+    whole = e(h, batch)
+    halves = e(h[:2], batch.rows(slice(0, 2)), **count) + e(h[2:], batch.rows(slice(2, 4)), **count)
     torch.testing.assert_close(halves, whole, rtol=1e-12, atol=1e-12)
 
 
@@ -328,10 +283,8 @@ def test_chunk_rows_is_checked_without_labels_too():
         ul.linear_kl_divergence(h, W, h, chunk_rows=1.5)
 
 
-@pytest.mark.parametrize(
-    "loss", ["token_logprobs", "ga", "nll", "npo", "simnpo", "kl_divergence", "kl_loss"]
-)
-def test_float64_heads_stay_float64_and_equal_the_logits_path(loss):
+@pytest.mark.parametrize("name", LOSSES)
+def test_float64_heads_stay_float64_and_equal_the_logits_path(name):
     """A trainable float64 head and bias: values and every gradient equal the logits version's to
     1e-12 (the head's gradient is accumulated in float64, not float32)."""
     g = torch.Generator().manual_seed(3)
@@ -341,40 +294,12 @@ def test_float64_heads_stay_float64_and_equal_the_logits_path(loss):
     ref_h = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 11, (3, 6), generator=g)
     labels[0, :3] = -100
-    ref_lp = -torch.rand(3, 5, generator=g, dtype=torch.float64)
-    fused = {
-        "token_logprobs": lambda h, W, b: ul.linear_token_logprobs(h, W, labels, bias=b).sum(),
-        "ga": lambda h, W, b: ul.linear_ga_loss(h, W, labels, bias=b),
-        "nll": lambda h, W, b: ul.linear_nll_loss(h, W, labels, bias=b),
-        "npo": lambda h, W, b: ul.linear_npo_loss(h, W, labels, bias=b, ref_logprobs=ref_lp),
-        "simnpo": lambda h, W, b: ul.linear_simnpo_loss(h, W, labels, bias=b),
-        "kl_divergence": lambda h, W, b: ul.linear_kl_divergence(
-            h, W, ref_h, labels=labels, bias=b, ref_bias=b.detach()
-        ),
-        "kl_loss": lambda h, W, b: ul.linear_kl_loss(
-            h, W, ref_h, labels=labels, bias=b, ref_bias=b.detach()
-        ),
-    }[loss]
-    on_logits = {
-        "token_logprobs": lambda z, zr: ul.token_logprobs(z, labels).sum(),
-        "ga": lambda z, zr: ul.ga_loss(z, labels),
-        "nll": lambda z, zr: ul.nll_loss(z, labels),
-        "npo": lambda z, zr: ul.npo_loss(z, labels, ref_logprobs=ref_lp),
-        "simnpo": lambda z, zr: ul.simnpo_loss(z, labels),
-        "kl_divergence": lambda z, zr: ul.kl_divergence(z, zr, labels),
-        "kl_loss": lambda z, zr: ul.kl_loss(z, zr, labels),
-    }[loss]
-    inputs = [t.clone().requires_grad_() for t in (h, W, bias)]
-    value = fused(*inputs)
-    grads = torch.autograd.grad(value, inputs)
-    plain = [t.clone().requires_grad_() for t in (h, W, bias)]
-    ref_logits = (ref_h @ W.T + bias).detach()
-    expected = on_logits(plain[0] @ plain[1].T + plain[2], ref_logits)
-    expected_grads = torch.autograd.grad(expected, plain)
-    assert value.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
-    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    fused, logits_version = _pair(name, ref_h, labels, chunk_rows=None)
+    got = _run(fused, h, W, bias, None, False)
+    expected = _run(logits_version, h, W, bias, None, True)
+    assert all(t.dtype == torch.float64 for t in got)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("select", [True, False], ids=["valid rows", "every row, masked"])
@@ -413,7 +338,7 @@ def test_a_trained_heads_log_probs_never_read_ignored_hidden_states(monkeypatch,
 
 
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trained head", "frozen head"])
-@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"kl_all"}))
+@pytest.mark.parametrize("name", [name for name in LOSSES if VARIANTS[name][0].labelled])
 def test_nan_hidden_states_at_an_ignored_row_reach_nothing(name, frozen_head):
     """Padding's hidden states may be NaN: at an ignored row inside a sequence (where the row
     chunks visit it) they reach neither the value nor any gradient, on the model's side and the
@@ -427,14 +352,10 @@ def test_nan_hidden_states_at_an_ignored_row_reach_nothing(name, frozen_head):
     labels[0, 4] = -100  # row 3 of the first sequence scores nothing
     dirty, dirty_ref = h.clone(), ref_hidden.clone()
     dirty[0, 3] = dirty_ref[0, 3] = float("nan")
-    upstream = torch.tensor(0.7, dtype=torch.float64)
-    if name in ("token_logprobs", "nll_none", "npo_token", "simnpo"):
-        upstream = torch.rand(2, 6 if name != "simnpo" else 1, generator=g, dtype=torch.float64)
-        upstream = upstream if name != "simnpo" else upstream.squeeze(-1)
     fused = _pair(name, dirty_ref, labels, chunk_rows=None)[0]
     logits_version = _pair(name, ref_hidden, labels, chunk_rows=None)[1]
-    ours = _run(fused, dirty, weight, bias, upstream, False, frozen_head)
-    expected = _run(logits_version, h, weight, bias, upstream, True, frozen_head)
+    ours = _run(fused, dirty, weight, bias, None, False, frozen_head)
+    expected = _run(logits_version, h, weight, bias, None, True, frozen_head)
     for got, want in zip(ours, expected, strict=True):
         if want is None:
             assert got is None
@@ -477,20 +398,17 @@ def test_softcapped_and_scaled_heads_equal_the_mapped_logits(
     ref_hidden = h + 0.3 * torch.randn(h.shape, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 17, (2, 6), generator=g)
     labels[0, 2] = -100
-    upstream = torch.rand(2, 5, generator=g, dtype=torch.float64)
-    upstream = upstream[:, 0] if name == "simnpo" else upstream
-    upstream = upstream if name in ("token_logprobs", "nll_none", "npo_token", "simnpo") else 0.7
     fused, logits_version = _pair(name, ref_hidden, labels, chunk_rows, *head_map)
     with mock.patch.object(linear_ops, "CACHE_BLOCK_BYTES", 3 * 8 * 17):
-        got = _run(fused, h, W, b, upstream, False, frozen_head)
-    expected = _run(logits_version, h, W, b, upstream, True, frozen_head, head_map)
+        got = _run(fused, h, W, b, None, False, frozen_head)
+    expected = _run(logits_version, h, W, b, None, True, frozen_head, head_map)
     for a, e in zip(got, expected, strict=True):
         if e is None:
             assert a is None
         else:
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     # The map matters: without it the same call gives another value.
-    plain = _run(_pair(name, ref_hidden, labels, chunk_rows)[0], h, W, b, upstream, False)
+    plain = _run(_pair(name, ref_hidden, labels, chunk_rows)[0], h, W, b, None, False)
     assert not torch.allclose(plain[0], got[0], rtol=1e-3, atol=0)
 
 

@@ -171,6 +171,49 @@ def test_dpo_without_a_chosen_answer_is_scaled_npo(case, beta):
     torch.testing.assert_close(dpo, npo * beta / 2)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_dpo_inplace_backward_writes_each_sides_gradient_into_its_logits(backend):
+    """Value and both sides' gradients equal those of ``inplace_backward=False``, and each
+    gradient arrives in its own side's logits buffer (a non-leaf, as a model's output is)."""
+    g = torch.Generator().manual_seed(5)
+    chosen, rejected = torch.randn(2, 6, 37, generator=g), torch.randn(2, 5, 37, generator=g)
+    ref_chosen, ref_rejected = torch.randn(2, 6, 37, generator=g), torch.randn(2, 5, 37)
+    chosen_labels = torch.randint(0, 37, (2, 6), generator=g)
+    rejected_labels = torch.randint(0, 37, (2, 5), generator=g)
+    chosen_labels[0, :3] = rejected_labels[1, -2:] = -100
+    upstream = torch.tensor([0.7, -1.3])  # per pair: the gradients are not one scale of another
+
+    def run(inplace):
+        leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+        logits = [leaf * 1.0 for leaf in leaves]
+        captured = []
+        for x in logits:
+            x.register_hook(captured.append)
+        value = dpo_loss(
+            logits[0],
+            chosen_labels,
+            logits[1],
+            rejected_labels,
+            ref_chosen_logits=ref_chosen,
+            ref_rejected_logits=ref_rejected,
+            reduction="none",
+            backend=backend,
+            inplace_backward=inplace,
+        )
+        (value * upstream).sum().backward()
+        written = {grad.data_ptr() for grad in captured}
+        buffers = {x.data_ptr() for x in logits}
+        return value.detach(), [leaf.grad for leaf in leaves], written, buffers
+
+    value, grads, written, buffers = run(False)
+    assert not written & buffers
+    inplace_value, inplace_grads, written, buffers = run(True)
+    assert written == buffers  # the flag reached both sides' backward
+    torch.testing.assert_close(inplace_value, value, rtol=0, atol=0)
+    for got, expected in zip(inplace_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 @given(batches(dtypes=[torch.float64]))
 def test_zero_exponents_give_gradient_ascent(case):
     plain = ga_loss(case.logits, case.labels, shift=case.shift)

@@ -72,7 +72,7 @@ def test_results_do_not_depend_on_chunk_size(case, direction):
 
 @given(batches(dtypes=[torch.float64, torch.float32]))
 def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative(case):
-    # At p = q the promise is exact (docs/contract.md §2): value and gradient are 0, not small,
+    # At p = q the promise is exact (docs/conventions.md §2): value and gradient are 0, not small,
     # in both directions, since both distributions come from the same logits by the same steps.
     for direction in ("forward", "reverse"):
         x = case.logits.clone().requires_grad_(True)

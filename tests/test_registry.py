@@ -61,10 +61,32 @@ def test_entries_call_public_functions_and_bind_real_parameters():
             assert e.function.__name__ == "linear_" + twin.function.__name__, e.name
 
 
+def _positional_non_tensors(function) -> list[str]:
+    """The parameters ``function`` takes by position whose annotation names no tensor."""
+    return [
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and "Tensor" not in str(p.annotation)
+    ]
+
+
+def test_losses_take_only_tensors_by_position():
+    """docs/api.md's rule: options and numbers are keyword-only."""
+    for function in {e.function for e in registry.REGISTRY}:
+        assert not _positional_non_tensors(function), function.__name__
+
+    def beta_by_position(logits: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+        return logits
+
+    assert _positional_non_tensors(beta_by_position) == ["beta"]  # the check can fail
+
+
 def test_filters_select_by_kind_and_option_and_refuse_typos():
     vocab_parallel = entries("logits", takes="vocab_group")
     assert vocab_parallel and all("vocab_group" in e.takes for e in vocab_parallel)
-    assert "ceu_loss" not in {e.name for e in vocab_parallel}  # CE-U has no vocabulary split
+    # The margin over the mean logit has no vocabulary split.
+    assert "logit_margin_loss" not in {e.name for e in vocab_parallel}
     both = entries(takes=("num_sequences", "beta"))
     assert {e.kind for e in both} == {"logits", "hidden"}
     assert {e.count for e in both} == {"num_sequences"}

@@ -9,7 +9,12 @@ from .distributed import GlobalCounts, global_counts
 from .head_config import logit_options
 from .losses.combine import combine_with_retain
 from .losses.dpo import dpo_loss
+from .losses.flat import flat_loss
+from .losses.helper_targets import elm_loss, rkld_loss, whp_loss
+from .losses.ihl import ihl_loss
+from .losses.jsd import jsd_loss
 from .losses.kl import kl_divergence, kl_loss
+from .losses.kto import kto_loss, kto_reference_point
 from .losses.linear import (
     linear_ga_loss,
     linear_kl_divergence,
@@ -20,6 +25,7 @@ from .losses.linear import (
     linear_token_logprobs,
 )
 from .losses.logprobs import token_logprobs
+from .losses.me import me_loss
 from .losses.nll import ga_loss, idk_loss, nll_loss
 from .losses.npo import npo_loss
 from .losses.pdu import logit_margin_loss, pdu_dual_update, pdu_loss
@@ -35,11 +41,17 @@ __all__ = [
     "ceu_loss",
     "combine_with_retain",
     "dpo_loss",
+    "elm_loss",
+    "flat_loss",
     "ga_loss",
     "global_counts",
     "idk_loss",
+    "ihl_loss",
+    "jsd_loss",
     "kl_divergence",
     "kl_loss",
+    "kto_loss",
+    "kto_reference_point",
     "linear_ga_loss",
     "linear_kl_divergence",
     "linear_kl_loss",
@@ -49,11 +61,13 @@ __all__ = [
     "linear_token_logprobs",
     "logit_margin_loss",
     "logit_options",
+    "me_loss",
     "negate_task_vector",
     "nll_loss",
     "npo_loss",
     "pdu_dual_update",
     "pdu_loss",
+    "rkld_loss",
     "rmu_control_vector",
     "rmu_loss",
     "satimp_loss",
@@ -63,6 +77,7 @@ __all__ = [
     "token_logprobs",
     "undial_loss",
     "wga_loss",
+    "whp_loss",
 ]
 
 __version__ = "0.2.0"

@@ -1,6 +1,6 @@
 """Argument validation: one helper per kind of check, each raising before any heavy work.
 
-Every message names the argument, what was expected and what arrived (docs/contract.md §6).
+Every message names the argument, what was expected and what arrived (docs/conventions.md §6).
 """
 
 from __future__ import annotations

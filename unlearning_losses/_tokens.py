@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _checks, sharding
-from .ops import BACKENDS
+from . import _checks, ops, sharding
 from .sharding import LOCAL, Sharding
 
 
@@ -67,6 +66,21 @@ class Tokens:
         caller = self.logits.squeeze(0) if self.flat else self.logits
         return self.batched(_checks.check_like(self.local(value, name), caller, name, self.name))
 
+    def label_logprobs(
+        self, backend: str, *, inplace_backward: bool = False, logits: Tensor | None = None
+    ) -> Tensor:
+        """log p(target) ``(B, L)`` of these logits (or of ``logits`` laid out like them, e.g.
+        the reference's from :meth:`like_logits`), 0 where not valid; over the vocabulary shard
+        when the logits hold one. Differentiable in the logits read."""
+        return ops.label_logprobs(
+            self.logits if logits is None else logits,
+            self.targets,
+            self.valid,
+            backend=backend,
+            inplace_backward=inplace_backward,
+            vocab=self.sharding.vocab,
+        )
+
 
 def align(
     logits: Any,
@@ -84,14 +98,15 @@ def align(
     vocab_parallel: bool = True,
     hidden: bool = False,
 ) -> Tokens:
-    """Validate ``logits``/``labels`` and align them by the shift convention (docs/contract.md §1).
+    """Validate ``logits``/``labels`` and align them by the shift convention
+    (docs/conventions.md §1).
 
     For the fused-linear losses ``logits`` is the hidden states (``hidden=True``) and
     ``vocab_size`` comes from the head. With ``vocab_group`` the logits are this rank's shard of
     the vocabulary, and labels index the whole of it; with ``sequence_group`` every sequence's
     positions are split over that group. DTensor logits bring their groups in their placements
-    (docs/contract.md §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses without
-    that path).
+    (docs/conventions.md §7); ``vocab_parallel=False`` refuses a sharded vocabulary (losses
+    without that path).
     """
     _checks.check_bool(shift, "shift")
     _checks.check_bool(validate, "validate")
@@ -112,7 +127,7 @@ def align(
         ref_name=name,
     )
     _checks.check_int(ignore_index, "ignore_index")
-    _checks.check_choice(backend, BACKENDS, "backend")
+    _checks.check_choice(backend, ops.BACKENDS, "backend")
     vocab: int | Tensor = logits.shape[-1] if vocab_size is None else vocab_size
     if split.vocab is not None:
         vocab = split.vocab.size

@@ -3,7 +3,7 @@
 Empty selections contribute 0 (never NaN): means divide by ``max(count, 1)``, and a sequence
 without a valid token is left out of sequence means. With a :class:`~.sharding.Sharding` whose
 groups split the batch or the sequences over ranks, sums and counts are reduced over those groups
-first, so every rank returns the whole batch's value (docs/contract.md §7).
+first, so every rank returns the whole batch's value (docs/conventions.md §7).
 """
 
 from __future__ import annotations

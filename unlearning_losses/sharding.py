@@ -11,7 +11,7 @@ DTensor inputs. The reductions use it so that every rank returns the value of th
 while the gradient each rank gets is that of its own piece: sums and counts cross the batch and
 sequence groups through ``all_reduce`` whose backward is the identity (every rank computes the
 same function of the same reduced values, so the local gradient is already the global one).
-Only collectives communicate; nothing waits on the host (docs/contract.md §7).
+Only collectives communicate; nothing waits on the host (docs/conventions.md §7).
 """
 
 from __future__ import annotations

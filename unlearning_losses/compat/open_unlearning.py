@@ -9,9 +9,9 @@ a number is kept and named; where open-unlearning gives NaN (an empty selection)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from ..losses.rmu import checked_rmu_inputs
 from ..losses.soft_targets import ceu_loss as _ceu_loss
 from ..losses.weighted import satimp_loss as _satimp_loss
 from ..losses.weighted import wga_loss as _wga_loss
-from ..ops import Backend, label_logprobs, soft_target_cross_entropy
+from ..ops import Backend, soft_target_cross_entropy
 from ..ops.numerics import accumulation_dtype
 from ..reductions import sequence_sums
 from .arguments import (
@@ -57,30 +57,41 @@ def retain_kl_loss(logits: Tensor, ref_logits: Tensor, *, backend: Backend = "au
 @dataclass(frozen=True)
 class _Retain:
     """A trainer's retain term: the Hugging Face NLL (``"NLL"``) or :func:`retain_kl_loss` against
-    a frozen reference (``"KL"``); every argument checked on construction, before any heavy work."""
+    a frozen reference (``"KL"``); every argument checked on construction, before any heavy work.
+    The fields are the trainers' own parameters, which :meth:`of` reads by name."""
 
-    logits: Tensor
-    labels: Tensor
-    loss_type: str
-    ref_logits: Tensor | None
+    retain_logits: Tensor
+    retain_labels: Tensor
+    retain_loss_type: str
+    ref_retain_logits: Tensor | None
     ignore_index: int
     backend: Backend
 
+    @classmethod
+    def of(cls, trainer_arguments: Mapping[str, Any]) -> _Retain:
+        """The retain term of a trainer's call, from its arguments (its ``locals()``)."""
+        return cls(**{name: trainer_arguments[name] for name in _RETAIN_ARGUMENTS})
+
     def __post_init__(self) -> None:
-        _checks.check_choice(self.loss_type, ("NLL", "KL"), "retain_loss_type")
-        logits = check_scored(self.logits, self.labels, self.ignore_index, "retain_logits")
-        if self.ref_logits is not None:
-            check_reference(self.ref_logits, logits, "retain_logits")
-        elif self.loss_type == "KL":
+        _checks.check_choice(self.retain_loss_type, ("NLL", "KL"), "retain_loss_type")
+        logits = check_scored(
+            self.retain_logits, self.retain_labels, self.ignore_index, "retain_logits"
+        )
+        if self.ref_retain_logits is not None:
+            check_reference(self.ref_retain_logits, logits, "retain_logits")
+        elif self.retain_loss_type == "KL":
             raise ValueError('retain_loss_type="KL" needs ref_retain_logits; got None')
         check_backend(self.backend)
 
     def term(self) -> Tensor:
-        if self.ref_logits is None or self.loss_type == "NLL":
-            return nll_loss(
-                self.logits, self.labels, ignore_index=self.ignore_index, backend=self.backend
-            )
-        return retain_kl_loss(self.logits, self.ref_logits, backend=self.backend)
+        logits, labels, ref_logits = self.retain_logits, self.retain_labels, self.ref_retain_logits
+        if ref_logits is None or self.retain_loss_type == "NLL":
+            return nll_loss(logits, labels, ignore_index=self.ignore_index, backend=self.backend)
+        return retain_kl_loss(logits, ref_logits, backend=self.backend)
+
+
+# Named once at import: ``torch.compile`` traces the trainers but not ``dataclasses.fields``.
+_RETAIN_ARGUMENTS = tuple(field.name for field in fields(_Retain))
 
 
 def _weighted_sum(
@@ -99,11 +110,9 @@ def _sequence_log_ratio_sums(
     """Per sequence, the summed shifted log-ratio of model to reference (``compute_batch_nll``),
     of arguments checked by :func:`check_scored_compared`."""
     tokens = _tokens.align(logits, labels, ignore_index=ignore_index, shift=True, backend=backend)
-    logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+    logprobs = tokens.label_logprobs(backend)
     with torch.no_grad():
-        ref_logprobs = label_logprobs(
-            tokens.batched(ref_logits), tokens.targets, tokens.valid, backend=backend
-        )
+        ref_logprobs = tokens.label_logprobs(backend, logits=tokens.batched(ref_logits))
     return (logprobs - ref_logprobs).sum(-1)
 
 
@@ -127,9 +136,7 @@ def grad_diff_loss(
 ) -> Tensor:
     r"""open-unlearning's GradDiff: $-\gamma L_f + \alpha\,\text{retain}$, HF token-mean NLLs."""
     check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         return ga_loss(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
@@ -163,9 +170,7 @@ def npo_loss(
     ref_forget = check_scored_compared(
         forget_logits, ref_forget_logits, forget_labels, ignore_index, "forget_logits"
     )
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         delta = _sequence_log_ratio_sums(
@@ -202,15 +207,13 @@ def simnpo_loss(
     beta = _checks.check_finite_number(beta, "beta", positive=True)
     delta = _checks.check_finite_number(delta, "delta")
     check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         tokens = _tokens.align(
             forget_logits, forget_labels, ignore_index=ignore_index, shift=True, backend=backend
         )
-        logprobs = label_logprobs(tokens.logits, tokens.targets, tokens.valid, backend=backend)
+        logprobs = tokens.label_logprobs(backend)
         unshifted_count = (tokens.batched(forget_labels) != ignore_index).sum(-1).clamp(min=1)
         mean_nll = -logprobs.sum(-1) / unshifted_count
         return (F.logsigmoid(beta * (mean_nll - delta)) * (-2.0 / beta)).mean()
@@ -260,9 +263,7 @@ def dpo_loss(
             f"alternate_logits must hold as many sequences as forget_logits ({forget_count}); "
             f"got {alternate_count}"
         )
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         lose = _sequence_log_ratio_sums(
@@ -295,9 +296,7 @@ def wga_loss(
     $\operatorname{sg}[p^\beta]\,\ell$. No quirk in the forget term."""
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
     check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         return _wga_loss(
@@ -328,9 +327,7 @@ def satimp_loss(
     beta1 = _checks.check_finite_number(beta1, "beta1", nonnegative=True)
     beta2 = _checks.check_finite_number(beta2, "beta2", nonnegative=True)
     check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         return _satimp_loss(
@@ -380,9 +377,7 @@ def undial_loss(
             f"forget_labels: open-unlearning's UNDIAL indexes the vocabulary with the ignored "
             f"label {ignore_index}, which needs a vocabulary of at least {-ignore_index}; got {vocab}"
         )
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
 
     def forget() -> Tensor:
         tokens = _tokens.align(
@@ -526,8 +521,6 @@ def pdu_loss(
     dual = _float32_rounded(_checks.check_finite_number(dual, "dual", nonnegative=True))
     retain_loss_eps = _checks.check_finite_number(retain_loss_eps, "retain_loss_eps")
     check_scored(forget_logits, forget_labels, ignore_index, "forget_logits")
-    retain = _Retain(
-        retain_logits, retain_labels, retain_loss_type, ref_retain_logits, ignore_index, backend
-    )
+    retain = _Retain.of(locals())
     forget = logit_margin_loss(forget_logits, forget_labels, ignore_index=ignore_index, shift=False)
     return _pdu_loss(forget, retain.term(), dual=dual, retain_epsilon=retain_loss_eps, gamma=gamma)

@@ -54,6 +54,7 @@ def dpo_loss(
     num_sequences: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    inplace_backward: bool = False,
     vocab_group: object = None,
     sequence_group: object = None,
 ) -> Tensor:
@@ -91,6 +92,8 @@ def dpo_loss(
         shift: {shift}
         backend: {backend}
         validate: {validate}
+        inplace_backward: write each side's gradient into its own logits' buffer (see
+            :func:`token_logprobs` for the hazard).
         vocab_group: {vocab_group}
         sequence_group: the context-parallel group, as :func:`npo_loss` (labels already
             shifted, ``shift=False``).
@@ -136,7 +139,7 @@ def dpo_loss(
         for side, tokens, logprobs, logits in sides
     ]
     (chosen_ratio, chosen_counts), (rejected_ratio, rejected_counts) = (
-        _log_ratio_sums(tokens, reference, backend)
+        _log_ratio_sums(tokens, reference, backend, inplace_backward)
         for (_, tokens, _, _), reference in zip(sides, references, strict=True)
     )
     per_pair = F.softplus(-beta * (chosen_ratio - rejected_ratio))
@@ -144,13 +147,9 @@ def dpo_loss(
     return chosen.per_sequence(sequence_reduce(per_pair, nonempty, reduction, count, split))
 
 
-def _log_ratio_sums(tokens: _tokens.Tokens, ref: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _log_ratio_sums(
+    tokens: _tokens.Tokens, ref: Tensor, backend: str, inplace_backward: bool
+) -> tuple[Tensor, Tensor]:
     """Per sequence, the summed log-ratio of the model to the reference and the valid count."""
-    logprobs = ops.label_logprobs(
-        tokens.logits,
-        tokens.targets,
-        tokens.valid,
-        backend=backend,
-        vocab=tokens.sharding.vocab,
-    )
+    logprobs = tokens.label_logprobs(backend, inplace_backward=inplace_backward)
     return sequence_sums(logprobs - ref.to(logprobs.dtype), tokens.valid, tokens.sharding)

@@ -21,6 +21,7 @@ from ..ops.linear_parallel import vocab_parallel_kl, vocab_parallel_logprobs
 from ..ops.logit_map import LogitMap
 from ..ops.numerics import PairMode
 from ..reductions import REDUCTIONS, Reduction, token_reduce
+from .common import cached_or_computed_reference
 from .kl import DIRECTIONS, Direction
 from .npo import GRANULARITIES, Granularity, check_npo_count, npo_from_logprobs
 from .simnpo import simnpo_from_logprobs
@@ -84,6 +85,8 @@ def _align(hidden, head, labels, ignore_index, shift, validate, chunk_rows, scal
         hidden=True,
     )
     _check_chunk_rows(chunk_rows)
+    if vocab is not None:
+        sharding.check_same_on_group(tokens.hidden, tokens.targets, vocab.group, "hidden")
     return tokens, weight, bias, _logit_map(scale, softcap), vocab
 
 
@@ -414,22 +417,15 @@ def linear_npo_loss(
     _checks.check_choice(granularity, GRANULARITIES, "granularity")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = check_npo_count(num_items_in_batch, num_sequences, granularity, reduction, tokens)
-    if (ref_logprobs is None) == (ref_hidden is None):
-        raise ValueError(
-            "give exactly one of ref_logprobs or ref_hidden; got "
-            + ("both" if ref_logprobs is not None else "neither")
-        )
-    if ref_hidden is not None:
+
+    def from_hidden(ref_hidden: Tensor) -> Tensor:
         ref_tokens, ref_w, ref_b = _reference(
             weight, bias, ref_hidden, ref_weight, ref_bias, tokens, vocab
         )
-        with torch.no_grad():
-            ref = _logprobs(ref_tokens, tokens, ref_w, ref_b, chunk_rows, logit_map, vocab)
-    else:
-        ref = tokens.local(ref_logprobs, "ref_logprobs", per_token=True)
-        expected = tuple(tokens.targets.shape[1:] if tokens.flat else tokens.targets.shape)
-        ref = _checks.check_token_values(ref, expected, tokens.hidden, "ref_logprobs")
-        ref = ref.detach().reshape(tokens.targets.shape)
+        return _logprobs(ref_tokens, tokens, ref_w, ref_b, chunk_rows, logit_map, vocab)
+
+    names = ("ref_logprobs", "ref_hidden")
+    ref = cached_or_computed_reference(tokens, ref_logprobs, ref_hidden, from_hidden, names)
     logprobs = _logprobs(tokens.hidden, tokens, weight, bias, chunk_rows, logit_map, vocab)
     result = npo_from_logprobs(
         logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
@@ -574,6 +570,8 @@ def linear_kl_divergence(
             hidden, name="hidden", vocab_parallel=False, hidden=True
         )
         _check_chunk_rows(chunk_rows)
+        if vocab is not None:
+            sharding.check_same_on_group(tokens.hidden, tokens.targets, vocab.group, "hidden")
         logit_map = _logit_map(logit_scale, logit_softcap)
     else:
         tokens, weight, bias, logit_map, vocab = _align(

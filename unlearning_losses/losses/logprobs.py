@@ -68,13 +68,4 @@ def token_logprobs(
         validate=validate,
         vocab_group=vocab_group,
     )
-    return tokens.unflatten(
-        ops.label_logprobs(
-            tokens.logits,
-            tokens.targets,
-            tokens.valid,
-            backend=backend,
-            inplace_backward=inplace_backward,
-            vocab=tokens.sharding.vocab,
-        )
-    )
+    return tokens.unflatten(tokens.label_logprobs(backend, inplace_backward=inplace_backward))

@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import ops
 from .._doc import shared_arguments
 from ..reductions import Reduction
-from .common import reduce_weighted_logprobs
+from .common import LogprobMean
 
 
 @shared_arguments
@@ -56,18 +56,7 @@ def ga_loss(
         >>> ga_loss(logits, labels), math.log(1 / 4)
         (tensor(-1.3863), -1.3862943611198906)
     """
-    return reduce_weighted_logprobs(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-    )
+    return LogprobMean.of(locals())(logits, labels)
 
 
 @shared_arguments
@@ -116,18 +105,7 @@ def nll_loss(
         >>> nll_loss(logits, labels), math.log(4)
         (tensor(1.3863), 1.3862943611198906)
     """
-    return -reduce_weighted_logprobs(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-    )
+    return -LogprobMean.of(locals())(logits, labels)
 
 
 @shared_arguments
@@ -177,15 +155,4 @@ def idk_loss(
         >>> idk_loss(logits, labels), math.log(4)  # the refusal's NLL
         (tensor(1.3863), 1.3862943611198906)
     """
-    return nll_loss(
-        idk_logits,
-        idk_labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-    )
+    return -LogprobMean.of(locals())(idk_logits, idk_labels)

@@ -119,14 +119,7 @@ def npo_loss(
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = check_npo_count(num_items_in_batch, num_sequences, granularity, reduction, tokens)
     ref = reference_logprobs(tokens, ref_logprobs, ref_logits, backend)
-    logprobs = ops.label_logprobs(
-        tokens.logits,
-        tokens.targets,
-        tokens.valid,
-        backend=backend,
-        inplace_backward=inplace_backward,
-        vocab=tokens.sharding.vocab,
-    )
+    logprobs = tokens.label_logprobs(backend, inplace_backward=inplace_backward)
     result = npo_from_logprobs(
         logprobs, ref, tokens.valid, beta, granularity, reduction, count, tokens.sharding
     )

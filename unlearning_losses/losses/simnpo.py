@@ -83,14 +83,7 @@ def simnpo_loss(
     delta = _checks.check_finite_number(delta, "delta")
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     count = _checks.check_mean_count(num_sequences, tokens.logits, reduction, "num_sequences")
-    logprobs = ops.label_logprobs(
-        tokens.logits,
-        tokens.targets,
-        tokens.valid,
-        backend=backend,
-        inplace_backward=inplace_backward,
-        vocab=tokens.sharding.vocab,
-    )
+    logprobs = tokens.label_logprobs(backend, inplace_backward=inplace_backward)
     return tokens.per_sequence(
         simnpo_from_logprobs(logprobs, tokens.valid, beta, delta, reduction, count, tokens.sharding)
     )

@@ -6,7 +6,8 @@ lowered: by ``beta`` on the reference model's logits (UNDIAL) or removed from th
 detached logits (CE-U). One fused pass forward, one backward (the Triton KL kernels in their
 soft-target mode on CUDA, the chunked path elsewhere); the gradient w.r.t. the logits is ``p - q``.
 UNDIAL takes ``inplace_backward``; CE-U cannot: its target is the model's own logits, which the
-backward reads while it writes the gradient.
+backward reads while it writes the gradient. With the vocabulary sharded over ranks, Q's normaliser
+is a log-sum-exp over the whole vocabulary, joined over the group like the model's own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _soft_target_mean(
     num_items_in_batch: int | Tensor | None,
     backend: str,
     validate: bool,
+    vocab_group: object,
     inplace_backward: bool = False,
 ) -> Tensor:
     tokens = _tokens.align(
@@ -40,10 +42,14 @@ def _soft_target_mean(
         shift=shift,
         backend=backend,
         validate=validate,
-        vocab_parallel=False,
+        vocab_group=vocab_group,
     )
     if ref_logits is None:
-        if tokens.logits.shape[-1] < 2:
+        vocab = (
+            tokens.logits.shape[-1] if tokens.sharding.vocab is None else tokens.sharding.vocab.size
+        )
+        # A vocabulary shard's global width is a device tensor on accelerators: not read there.
+        if isinstance(vocab, int) and vocab < 2:
             raise ValueError(
                 "logits must have a vocabulary of at least 2 entries: removing the label from a "
                 f"vocabulary of 1 leaves no target; got {tuple(logits.shape)}"
@@ -61,6 +67,7 @@ def _soft_target_mean(
         label_shift=label_shift,
         backend=backend,
         inplace_backward=inplace_backward,
+        vocab=tokens.sharding.vocab,
     )
     return tokens.unflatten(
         token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
@@ -81,6 +88,7 @@ def undial_loss(
     backend: ops.Backend = "auto",
     validate: bool = False,
     inplace_backward: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""UNDIAL forget loss: self-distillation toward the reference with the label's logit lowered.
 
@@ -97,7 +105,8 @@ def undial_loss(
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``, the model being unlearned.
-        ref_logits: the frozen reference, same shape, dtype and device (a constant).
+        ref_logits: the frozen reference, same shape, dtype and device (a constant; with
+            ``vocab_group``, sharded like ``logits``).
         labels: ``(B, T)`` or ``(N,)``, ``ignore_index`` at prompt and padding.
         beta: how far the label's logit is lowered, >= 0 (default 10.0, open-unlearning's
             config; 0 is plain distillation to the reference).
@@ -108,6 +117,7 @@ def undial_loss(
         backend: {backend}
         validate: {validate}
         inplace_backward: {inplace_backward}
+        vocab_group: {vocab_group}
 
     Example:
         >>> import math, torch
@@ -129,6 +139,7 @@ def undial_loss(
         num_items_in_batch,
         backend,
         validate,
+        vocab_group,
         inplace_backward,
     )
 
@@ -144,6 +155,7 @@ def ceu_loss(
     num_items_in_batch: int | Tensor | None = None,
     backend: ops.Backend = "auto",
     validate: bool = False,
+    vocab_group: object = None,
 ) -> Tensor:
     r"""CE-U (cross-entropy unlearning) forget loss, to minimize.
 
@@ -160,6 +172,13 @@ def ceu_loss(
 
     A scored row whose label is its only finite logit has no target and gives NaN.
 
+    There is no ``inplace_backward``: the target is the model's own logits (detached), so the
+    gradient buffer would also be the backward's read-only input, the target. The log-prob
+    backward of GA or NPO, and UNDIAL's with its separate reference, overwrite only the tensor
+    they differentiate; here the result would rest on every backend reading each block of the
+    target before writing that block's gradient, and the backward op declares that it mutates its
+    gradient buffer alone, which ``torch.compile`` relies on.
+
     Args:
         logits: ``(B, T, V)`` or ``(N, V)`` with ``V >= 2``.
         ignore_index: {ignore_index}
@@ -169,6 +188,7 @@ def ceu_loss(
         num_items_in_batch: {num_items_in_batch}
         backend: {backend}
         validate: {validate}
+        vocab_group: {vocab_group}
 
     Example:
         >>> import math, torch
@@ -188,4 +208,5 @@ def ceu_loss(
         num_items_in_batch,
         backend,
         validate,
+        vocab_group,
     )

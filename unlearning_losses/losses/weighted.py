@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _checks, _tokens, ops
 from .._doc import shared_arguments
 from ..reductions import Reduction
-from .common import reduce_weighted_logprobs, reference_logprobs, weights_from_logprobs
+from .common import LogprobMean, reference_logprobs, weights_from_logprobs
 
 
 @shared_arguments
@@ -65,19 +65,11 @@ def wga_loss(
         (tensor(-0.3466), -0.34657359027997264)
     """
     beta = _checks.check_finite_number(beta, "beta", nonnegative=True)
-    return reduce_weighted_logprobs(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-        weights_for=weights_from_logprobs(lambda logprobs: torch.exp(beta * logprobs)),
-    )
+
+    def weights(logprobs: Tensor) -> Tensor:
+        return torch.exp(beta * logprobs)
+
+    return LogprobMean.of(locals())(logits, labels, weights_from_logprobs(weights))
 
 
 @shared_arguments
@@ -133,19 +125,7 @@ def satimp_loss(
     def weights(logprobs: Tensor) -> Tensor:
         return torch.exp(beta1 * logprobs) * (-torch.expm1(logprobs)).pow(beta2)
 
-    return reduce_weighted_logprobs(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-        weights_for=weights_from_logprobs(weights),
-    )
+    return LogprobMean.of(locals())(logits, labels, weights_from_logprobs(weights))
 
 
 @shared_arguments
@@ -211,16 +191,4 @@ def tnpo_loss(
 
         return npo_gradient_weights
 
-    return reduce_weighted_logprobs(
-        logits,
-        labels,
-        ignore_index=ignore_index,
-        shift=shift,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        backend=backend,
-        validate=validate,
-        inplace_backward=inplace_backward,
-        vocab_group=vocab_group,
-        weights_for=weights_for,
-    )
+    return LogprobMean.of(locals())(logits, labels, weights_for)

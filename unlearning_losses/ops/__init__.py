@@ -102,12 +102,20 @@ def soft_target_cross_entropy(
     label_shift: float,
     backend: str = "auto",
     inplace_backward: bool = False,
+    vocab: VocabShard | None = None,
 ) -> Tensor:
     """-sum_v q_v log p_v per row of ``[:, :L]``, Q = softmax(ref_logits - label_shift * onehot).
 
     The target distribution Q is a constant; the gradient w.r.t. the logits is ``p - q`` (UNDIAL,
-    CE-U); 0 where not valid.
+    CE-U); 0 where not valid. With ``vocab`` both hold this rank's slice of the vocabulary.
     """
+    if vocab is not None:
+        from . import vocab_parallel
+
+        _refuse_with_vocab_shards(backend, inplace_backward)
+        return vocab_parallel.VocabParallelSoftTarget.apply(
+            logits, ref_logits, targets, valid, float(label_shift), vocab
+        )
     which = resolve_backend(backend, logits)
     mode = PairMode.SOFT_TARGET.value
     args = (logits, ref_logits, targets, valid, mode, float(label_shift), which, inplace_backward)

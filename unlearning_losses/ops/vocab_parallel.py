@@ -3,7 +3,8 @@
 Each rank of the group holds a contiguous slice of the columns of the logits, as Megatron-style
 vocab-parallel output heads and DTensor ``Shard`` placements produce them (uneven slices too). A row's global log-sum-exp combines the
 ranks' local ones with two all-reduces (``max``, then ``sum`` of the rescaled partial sums); the
-label logit travels in the same ``sum``. The KL needs one more ``sum`` for its weighted terms. Each
+label logit travels in the same ``sum``. The KL needs one more ``sum`` for its weighted terms, and
+so do the soft targets (UNDIAL, CE-U), whose target's log-sum-exp joins the model's. Each
 backward is local: ``d/dz_j`` of the per-token value depends only on column ``j`` and the global
 per-row statistics saved by the forward. Rows are walked in chunks as in ``chunked``; the float32
 temporaries are chunk-sized, the communication is ``(B, L)`` per-token values.
@@ -54,6 +55,16 @@ def _floored_difference(logits: Tensor, ref_logits: Tensor, b: slice, t: slice) 
     return logits[b, t].to(acc).clamp_min(floor).sub_(ref_logits[b, t].to(acc).clamp_min(floor))
 
 
+def _label_columns(
+    targets: Tensor, valid: Tensor, vocab: VocabShard, local_vocab: int
+) -> tuple[Tensor, Tensor]:
+    """Each row's label as a column of this rank's slice (0 where another rank holds it), and
+    the valid rows whose label this rank holds."""
+    local_targets = targets - vocab.offset
+    in_shard = valid & (local_targets >= 0) & (local_targets < local_vocab)
+    return torch.where(in_shard, local_targets, 0), in_shard
+
+
 class VocabParallelLogprobs(torch.autograd.Function):
     """log p(target) per row of ``logits[:, :L]``, the vocabulary sharded over ``group``."""
 
@@ -64,9 +75,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
     ) -> Tensor:
         acc = accumulation_dtype(logits.dtype)
         local_vocab = logits.shape[-1]
-        local_targets = targets - vocab.offset
-        in_shard = valid & (local_targets >= 0) & (local_targets < local_vocab)
-        local_targets = torch.where(in_shard, local_targets, 0)
+        local_targets, in_shard = _label_columns(targets, valid, vocab, local_vocab)
         local_lse = torch.zeros(valid.shape, dtype=acc, device=logits.device)
         label_logit = torch.zeros_like(local_lse)
         groups = row_groups(valid, local_vocab)
@@ -164,3 +173,83 @@ class VocabParallelTokenKL(torch.autograd.Function):
             zero_ignored_rows_(inner, valid[b, t])
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
+
+
+def _target_logits(
+    ref_logits: Tensor,
+    local_targets: Tensor,
+    in_shard: Tensor,
+    chunk: tuple[slice, slice],
+    label_shift: float,
+    acc: Any,
+) -> Tensor:
+    """The soft target's logits of a chunk in ``acc``: the reference's, with the label's lowered
+    by ``label_shift`` on the rank that holds it (``inf`` removes it, CE-U)."""
+    target = ref_logits[chunk].to(acc, copy=True)
+    if target.shape[-1]:  # a rank may hold no column
+        index = local_targets[chunk][..., None]
+        picked = target.gather(-1, index)
+        lowered = torch.where(in_shard[chunk][..., None], picked - label_shift, picked)
+        target.scatter_(-1, index, lowered)
+    return target
+
+
+class VocabParallelSoftTarget(torch.autograd.Function):
+    """-sum_v q_v log p_v per row of ``[:, :L]``, Q = softmax(ref_logits - label_shift * onehot)
+    (UNDIAL, CE-U), the vocabulary sharded over ``vocab.group``.
+
+    Q needs the global log-sum-exp of the lowered target logits, which joins the model's in the
+    same two all-reduces; the value's partial sums take a third. The backward ``p - q`` is local.
+    """
+
+    @staticmethod
+    @without_autocast
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        ref_logits: Tensor,
+        targets: Tensor,
+        valid: Tensor,
+        label_shift: float,
+        vocab: VocabShard,
+    ) -> Tensor:
+        acc = accumulation_dtype(logits.dtype)
+        local_vocab = logits.shape[-1]
+        local_targets, in_shard = _label_columns(targets, valid, vocab, local_vocab)
+        groups = row_groups(valid, local_vocab)
+        local_lse = torch.zeros((2, *valid.shape), dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab):
+            target = _target_logits(ref_logits, local_targets, in_shard, (b, t), label_shift, acc)
+            local_lse[0, b, t] = torch.logsumexp(logits[b, t].to(acc), -1)
+            local_lse[1, b, t] = torch.logsumexp(target, -1)
+        (lse, target_lse), _ = _global_lse(local_lse, vocab.group)
+        partial = torch.zeros(valid.shape, dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab):
+            logp = logits[b, t].to(acc) - lse[b, t, None]
+            target = _target_logits(ref_logits, local_targets, in_shard, (b, t), label_shift, acc)
+            logq = target.sub_(target_lse[b, t, None])
+            partial[b, t] = pair_value(*pair_scores(logp, logq, PairMode.SOFT_TARGET, label_shift))
+        dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=vocab.group)
+        value = torch.where(valid, partial, 0.0)
+        ctx.save_for_backward(logits, ref_logits, local_targets, in_shard, valid, lse, target_lse)
+        ctx.groups, ctx.label_shift = groups, label_shift
+        return value
+
+    @staticmethod
+    @once_differentiable
+    @without_autocast
+    def backward(ctx: Any, grad_out: Tensor):
+        logits, ref_logits, local_targets, in_shard, valid, lse, target_lse = ctx.saved_tensors
+        acc = lse.dtype
+        grad = torch.empty_like(logits)
+        zero_outside(grad, ctx.groups)
+        scale = torch.where(valid, grad_out.to(acc), 0.0)
+        for b, t in row_chunks(ctx.groups, logits.shape[-1]) if logits.shape[-1] else ():
+            target = _target_logits(
+                ref_logits, local_targets, in_shard, (b, t), ctx.label_shift, acc
+            )
+            inner = torch.sub(logits[b, t].to(acc), lse[b, t, None]).exp_()
+            inner.sub_(target.sub_(target_lse[b, t, None]).exp_())  # p - q
+            zero_ignored_rows_(inner, valid[b, t])
+            grad[b, t] = inner.mul_(scale[b, t, None])
+        return grad, None, None, None, None, None

@@ -1,6 +1,6 @@
 """A loss against its float64 reference: values and gradients, with tolerances from the dtype.
 
-The tolerances follow from how the library computes (docs/contract.md §1): values accumulate in
+The tolerances follow from how the library computes (docs/conventions.md §1): values accumulate in
 float32 whatever the logits' dtype (float64 stays float64), and each gradient element is rounded
 once to the logits' dtype. On top comes the problem's own conditioning:
 ``log p = z - logsumexp(z)`` in the accumulation dtype is exact only to ``eps * |z|``, so logits

@@ -264,6 +264,112 @@ _DPO = Entry(
     ),
 )
 
+
+def _model_constant(x: Any, scale: float = 1.0) -> Any:
+    """``scale`` times the model's own logits as a constant (a helper model's logits in the
+    standard calls of WHP, RKLD and ELM); a non-tensor passes through to be refused by name."""
+    return scale * x.detach() if isinstance(x, Tensor) else x
+
+
+# KTO's own option ``variant`` is bound here (``_against`` names the entry's variant so).
+_logsigmoid_kto = replace(
+    _against(ul.kto_loss, reference.kto_loss, "ref_logprobs", "[logsigmoid]", reference_point=0.5),
+    call=lambda x, b, **kw: ul.kto_loss(
+        x, b.labels, ref_logprobs=b.ref_logprobs, reference_point=0.5, variant="logsigmoid", **kw
+    ),
+    reference=lambda x, b, *, shift=True, **kw: reference.kto_loss(
+        x,
+        b.labels,
+        ref_logprobs=_ref_logprobs(b, "ref_logprobs", shift),
+        reference_point=0.5,
+        variant="logsigmoid",
+        shift=shift,
+        **kw,
+    ),
+)
+_logsigmoid_kto = replace(_logsigmoid_kto, bound=_logsigmoid_kto.bound | {"variant"})
+
+
+def _flat(variant: str = "", **fixed: Any) -> Entry:
+    """``flat_loss(logits, labels, 0.5 * logits, labels)``: the template answers' logits are half
+    the forget answers', so the gradient flows through both sides."""
+
+    def template(x: Any) -> Any:
+        return 0.5 * x if isinstance(x, Tensor) else x
+
+    return Entry(
+        "flat_loss" + variant,
+        "logits",
+        ul.flat_loss,
+        lambda x, b, **kw: ul.flat_loss(x, b.labels, template(x), b.labels, **fixed, **kw),
+        lambda x, b, **kw: reference.flat_loss(x, b.labels, template(x), b.labels, **fixed, **kw),
+        frozenset(fixed),
+    )
+
+
+_WHP_ALPHA = 2.0
+
+
+def _excess(function: Call, ref_fn: Call) -> Entry:
+    """WHP and RKLD: the reference's logits are the baseline, the model's own (a constant) the
+    reinforced model's."""
+    return Entry(
+        function.__name__,
+        "logits",
+        function,
+        lambda x, b, **kw: function(
+            x,
+            b.labels,
+            ref_logits=b.ref_logits,
+            reinforced_logits=_model_constant(x),
+            alpha=_WHP_ALPHA,
+            **kw,
+        ),
+        lambda x, b, **kw: ref_fn(
+            x, b.ref_logits, _model_constant(x), b.labels, alpha=_WHP_ALPHA, **kw
+        ),
+        frozenset({"ref_logits", "reinforced_logits", "alpha"}),
+    )
+
+
+def _elm(variant: str = "", labelled: bool = True) -> Entry:
+    """ELM with the reference as the original model and the model's own logits (a constant) and
+    half of them as the prompted runs; without labels every position counts."""
+
+    def helpers(x: Any, b: Batch) -> dict[str, Any]:
+        return {
+            "ref_logits": b.ref_logits,
+            "positive_logits": _model_constant(x),
+            "negative_logits": _model_constant(x, 0.5),
+        }
+
+    def labels(b: Batch) -> Tensor | None:
+        return b.labels if labelled else None
+
+    return Entry(
+        "elm_loss" + variant,
+        "logits",
+        ul.elm_loss,
+        lambda x, b, **kw: ul.elm_loss(x, labels(b), **helpers(x, b), eta=2.0, **kw),
+        lambda x, b, **kw: reference.elm_loss(x, **helpers(x, b), labels=labels(b), eta=2.0, **kw),
+        frozenset({"ref_logits", "positive_logits", "negative_logits", "eta"}),
+        labelled=labelled,
+    )
+
+
+def _toward_reference(function: Call, ref_fn: Call) -> Entry:
+    """``function(logits, labels, ref_logits=)``: JSD to the reference's distribution, the labels
+    selecting the positions."""
+    return Entry(
+        function.__name__ + "[ref_logits]",
+        "logits",
+        function,
+        lambda x, b, **kw: function(x, b.labels, ref_logits=b.ref_logits, **kw),
+        lambda x, b, **kw: ref_fn(x, b.labels, ref_logits=b.ref_logits, **kw),
+        frozenset({"ref_logits"}),
+    )
+
+
 _TOKEN_COUNT = ("num_items_in_batch",)  # refused where NPO averages over sequences
 LOGITS: tuple[Entry, ...] = (
     _labelled(ul.token_logprobs, reference.token_logprobs),
@@ -323,6 +429,19 @@ LOGITS: tuple[Entry, ...] = (
     _paired(ul.undial_loss, reference.undial_loss),
     replace(_labelled(ul.ceu_loss, reference.ceu_loss), min_finite=2),
     replace(_labelled(ul.logit_margin_loss, reference.logit_margin_loss), all_finite=True),
+    _labelled(ul.me_loss, reference.me_loss),
+    _labelled(ul.ihl_loss, reference.ihl_loss),
+    _labelled(ul.jsd_loss, reference.jsd_loss),  # to the label's one-hot distribution
+    _toward_reference(ul.jsd_loss, reference.jsd_loss),
+    _against(ul.kto_loss, reference.kto_loss, "ref_logprobs", reference_point=0.5),
+    _against(ul.kto_loss, reference.kto_loss, "ref_logits", "[ref_logits]", reference_point=0.5),
+    _logsigmoid_kto,
+    _flat(),
+    _flat("[kl]", divergence="kl"),
+    _excess(ul.whp_loss, reference.whp_loss),
+    _excess(ul.rkld_loss, reference.rkld_loss),
+    _elm(),
+    _elm("[labels=None]", labelled=False),
 )
 
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies that draw the hard cases of a token loss (docs/contract.md §1).
+"""Hypothesis strategies that draw the hard cases of a token loss (docs/conventions.md §1).
 
 A drawn case takes its shape, dtype and flags from Hypothesis and its numbers from a seeded
 generator: fast to draw, and still reproducible from the seed that Hypothesis shrinks.
