@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser("demo", help="train a small model, unlearn, compare the methods")
     )
     bench.add_arguments(
-        commands.add_parser("bench", help="time the losses against eager PyTorch and kernels")
+        commands.add_parser(
+            "bench",
+            help="time the losses against eager PyTorch and kernels, or a training step (--step)",
+        )
     )
     vector = commands.add_parser(
         "task-vector",
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     vector.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "bench":
+        # Without --step, each row is checked against the registry's float64 reference, whose
+        # package (unlearning_losses.testing) needs Hypothesis; --step builds Hugging Face models.
+        _require(parser, "bench", ("transformers",) if args.step else ("hypothesis",))
         if args.out:
             _require(parser, "bench", ("matplotlib",))
         try:

@@ -10,6 +10,9 @@ the inputs, and the error against the float64 evaluation of the same loss on a s
 The header also gives the time to write a new buffer against a used one: the page faults that a
 backward returning a fresh gradient pays on a CPU. It prints a markdown table; ``--out DIR`` also
 writes CSV, JSON and a PNG of time and memory against the vocabulary.
+
+``bench --step`` measures one whole unlearning step of a Hugging Face model instead (see
+:mod:`.step`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from typing import Any
 import torch
 
 from .._progress import progress
-from . import report
+from . import report, step
+from .arguments import DTYPES, at_least, device, machine, out_folder
 from .measure import Timer, copy_bandwidth, first_write_ms, peak_extra_bytes
-from .providers import LINEAR_LOSSES, LOGIT_LOSSES, Batch, providers, traffic
+from .providers import LINEAR_LOSSES, LOGIT_LOSSES, Batch, float64_value, providers, traffic
 
 DEFAULT_LOSSES = ("ga", "npo", "kl", "simnpo", "linear_ga")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Defaults per device: about a minute on a GPU, a few minutes on two CPU cores.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": {
@@ -61,23 +64,30 @@ CHECK_ROWS = 64
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     losses = LOGIT_LOSSES + LINEAR_LOSSES
-    parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), choices=losses)
     parser.add_argument(
-        "--implementations", nargs="+", help="only these and ours (default: all found)"
+        "--losses", nargs="+", choices=losses, help=f"default: {' '.join(DEFAULT_LOSSES)}"
+    )
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        help="only these and ours (with --step: and the model loss) (default: all found)",
     )
     parser.add_argument("--tokens", type=int, help="tokens per batch (cuda 8192, cpu 1024)")
-    parser.add_argument("--hidden", type=int, help="hidden size, fused-linear losses")
+    parser.add_argument(
+        "--hidden", type=int, help="hidden size: of the fused-linear losses, or --step's model"
+    )
     parser.add_argument("--vocabs", type=int, nargs="+", help="vocabulary sizes")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, help="timed runs per pass (cuda 10, cpu 3)")
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="also time torch.compile of the eager code (default: on CUDA only)",
+        help="also time torch.compile of the eager code (default: on)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, help="also write bench.md/.csv/.json/.png here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    step.add_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +107,14 @@ class Settings:
     quiet: bool
 
 
-def check_arguments(args: argparse.Namespace) -> Settings:
+def check_arguments(args: argparse.Namespace) -> Settings | step.StepSettings:
     """The arguments checked before any measurement, a ValueError naming the first bad one, and
-    the device's defaults filled in; ``--out`` is created and must be a writable folder."""
-    device = _device(args.device)
+    the device's defaults filled in; ``--out`` is created and must be a writable folder. With
+    ``--step``, the settings of :mod:`.step`."""
+    if args.step:
+        return step.check_arguments(args)
+    step.refuse_step_arguments(args)
+    found = device(args.device)
     _check_sizes(args)
     unknown = [name for name in args.implementations or [] if name not in IMPLEMENTATIONS]
     if unknown:
@@ -108,67 +122,36 @@ def check_arguments(args: argparse.Namespace) -> Settings:
         raise ValueError(
             f"--implementations: unknown {', '.join(map(repr, unknown))}; known: {known}"
         )
-    defaults = DEFAULTS[device.type]
+    defaults = DEFAULTS[found.type]
     return Settings(
-        device=device,
-        losses=tuple(args.losses),
+        device=found,
+        losses=tuple(args.losses or DEFAULT_LOSSES),
         implementations=tuple(args.implementations) if args.implementations else None,
         tokens=defaults["tokens"] if args.tokens is None else args.tokens,
         hidden=defaults["hidden"] if args.hidden is None else args.hidden,
         vocabs=tuple(args.vocabs or defaults["vocabs"]),
         dtypes=tuple(args.dtypes or defaults["dtypes"]),
         repeats=defaults["repeats"] if args.repeats is None else args.repeats,
-        compiled=args.compile if args.compile is not None else device.type == "cuda",
-        out=None if args.out is None else _out_folder(args.out),
+        compiled=True if args.compile is None else args.compile,
+        out=None if args.out is None else out_folder(args.out),
         quiet=args.quiet,
     )
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device: torch.device | None = torch.device(name)
-    except RuntimeError:  # not a device string at all
-        device = None
-    if device is None or device.type not in DEFAULTS:
-        raise ValueError(f"--device: unknown {name!r}; choose auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} GPUs here")
-    return device
-
-
 def _check_sizes(args: argparse.Namespace) -> None:
-    """Sizes of at least 1 (a zero was once taken for "default", a negative failed mid-run)."""
-    sizes = {
+    for flag, values in {
         "--tokens": [args.tokens],
         "--hidden": [args.hidden],
-        "--vocabs": args.vocabs or [],
+        "--vocabs": args.vocabs,
         "--repeats": [args.repeats],
-    }
-    for flag, values in sizes.items():
-        for value in values:
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1, not {value}")
+    }.items():
+        at_least(flag, values)
 
 
-def _out_folder(out: Path) -> Path:
-    """``out``, created if needed: a wrong path found now, not after minutes of measuring."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"--out {out}: is a file, not a folder") from None
-    except OSError as error:
-        raise ValueError(f"--out {out}: {error.strerror or error}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
-    return out
-
-
-def run(settings: Settings) -> list[dict]:
+def run(settings: Settings | step.StepSettings) -> list[dict]:
     """Measure, print the table, write the files; the records."""
+    if isinstance(settings, step.StepSettings):
+        return step.run(settings)
     device = settings.device
     timer = Timer(device)
     bandwidth = copy_bandwidth(device, timer)
@@ -190,7 +173,7 @@ def run(settings: Settings) -> list[dict]:
                 loss, settings.tokens, settings.hidden, vocab, DTYPES[dtype_name], device
             )
             check = _slice(batch)
-            reference = found[loss]["ours"](_as_float64(check)).item()
+            reference = float64_value(loss, check)
             ours_ms = math.nan
             for name, fn in found[loss].items():
                 mine = _private(batch) if "in-place" in name else batch
@@ -260,20 +243,6 @@ def _slice(batch: Batch) -> Batch:
     )
 
 
-def _as_float64(batch: Batch) -> Batch:
-    def up(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None or not t.is_floating_point() else t.double()
-
-    return dataclasses.replace(
-        batch,
-        logits=up(batch.logits),
-        ref_logits=up(batch.ref_logits),
-        hidden=up(batch.hidden),
-        weight=up(batch.weight),
-        ref_hidden=up(batch.ref_hidden),
-    )
-
-
 def _private(batch: Batch) -> Batch:
     """A copy of the logits for an implementation whose backward overwrites them."""
     assert batch.logits is not None
@@ -311,10 +280,7 @@ def _bandwidth(loss: str, batch: Batch, ms: float, copy_gbps: float) -> dict:
 def _header(
     device, tokens: int, hidden: int, repeats: int, bandwidth: float, first_write: tuple
 ) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = machine(device)
     thp = ""
     if os.environ.get("THP_MEM_ALLOC_ENABLE"):
         thp = f" (THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']})"
@@ -330,14 +296,3 @@ def _header(
         f"{first_write[0]:.0f} ms into a new buffer, {first_write[1]:.0f} ms into a used one"
         f"{thp}; {datetime.date.today().isoformat()}"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

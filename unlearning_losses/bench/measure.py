@@ -3,10 +3,14 @@ resident-set peak elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,6 +38,28 @@ class Timer:
         for _ in range(warmup):
             fn()
         return statistics.median(self(fn) for _ in range(repeats))
+
+
+class Clock:
+    """Marks inside one piece of work, read after it: CUDA events on a GPU (recorded in stream
+    order, no sync between marks), ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: Any, end: Any) -> float:
+        """Milliseconds from ``start`` to ``end`` (on a GPU, after both have happened)."""
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, megabytes: int = 256) -> float:
@@ -69,6 +95,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
         return float(torch.cuda.max_memory_allocated() - before)
     if not sys.platform.startswith("linux"):
         return float("nan")
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the resident-set peak restarts from the current size
@@ -85,3 +112,19 @@ def _status_bytes(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise OSError(f"/proc/self/status has no {key}")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
+
+
+def _release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``), so that
+    memory freed by an earlier measurement is not reused unseen by the next: the resident-set
+    peak then counts every byte ``fn`` touches."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

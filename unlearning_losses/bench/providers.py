@@ -1,10 +1,13 @@
 """What the benchmark compares: the library's losses and the ways users compute them today.
 
 Each provider maps a :class:`Batch` to a scalar loss. Logits losses take ``(B, T, V)`` logits
-aligned with their labels; the fused-linear ones take hidden states and a head. The baselines
-are the patterns of research code: a float32 upcast of the logits and ``F.cross_entropy`` /
-``log_softmax`` tensors, ``torch.compile`` of that, and Liger-Kernel's and Apple's Cut
-Cross-Entropy kernels where they are installed (GA only: they compute the cross-entropy).
+aligned with their labels; the fused-linear ones take hidden states and a head. Ours is the
+loss's entry in the registry of public losses (:mod:`unlearning_losses.testing.registry`), and
+so is the float64 value each row is checked against (the registry is imported when a benchmark
+runs: its package needs Hypothesis, which the other commands do not). The baselines are the patterns of research
+code: a float32 upcast of the logits and ``F.cross_entropy`` / ``log_softmax`` tensors,
+``torch.compile`` of that, and Liger-Kernel's and Apple's Cut Cross-Entropy kernels where they
+are installed (GA only: they compute the cross-entropy).
 """
 
 from __future__ import annotations
@@ -12,19 +15,32 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import unlearning_losses as ul
+if TYPE_CHECKING:
+    from ..testing import registry
 
 BETA = 0.1
 SIMNPO_BETA = 4.5
 UNDIAL_BETA = 10.0
 LOGIT_LOSSES = ("ga", "npo", "kl", "simnpo", "undial")
 LINEAR_LOSSES = ("linear_ga", "linear_npo", "linear_kl")
+#: Each loss's entry in the registry, and the options the benchmark sets (the registry's call
+#: fills in the rest: NPO's sequence granularity, KL's forward direction).
+ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ga": ("ga_loss", {}),
+    "npo": ("npo_loss", {"beta": BETA}),
+    "kl": ("kl_divergence", {}),
+    "simnpo": ("simnpo_loss", {"beta": SIMNPO_BETA}),
+    "undial": ("undial_loss", {"beta": UNDIAL_BETA}),
+    "linear_ga": ("linear_ga_loss", {}),
+    "linear_npo": ("linear_npo_loss", {"beta": BETA}),
+    "linear_kl": ("linear_kl_divergence", {}),
+}
 #: Reads and writes of the logits (in their dtype) per element that each pass must make.
 TRAFFIC = {
     "logprobs": {"fwd": 1, "bwd": 2, "fwd+bwd": 3},
@@ -52,6 +68,22 @@ class Batch:
         assert self.hidden is not None and self.weight is not None
         return (self.hidden, self.weight)
 
+    @property
+    def model_output(self) -> Tensor:
+        """The tensor a registry entry's loss is of: the logits, or the hidden states."""
+        return self.logits if self.logits is not None else self.hidden
+
+    def for_registry(self) -> registry.Batch:
+        from ..testing import registry
+
+        return registry.Batch(
+            self.labels,
+            ref_logits=self.ref_logits,
+            ref_logprobs=self.ref_logprobs,
+            weight=self.weight,
+            ref_hidden=self.ref_hidden,
+        )
+
 
 Loss = Callable[[Batch], Tensor]
 
@@ -76,24 +108,22 @@ def providers(loss: str, device: torch.device, compiled: bool) -> dict[str, Loss
 
 
 def _ours(loss: str, **options: bool) -> Loss:
-    kw: dict[str, Any] = {"shift": False, **options}
-    table: dict[str, Loss] = {
-        "ga": lambda b: ul.ga_loss(b.logits, b.labels, **kw),
-        "npo": lambda b: ul.npo_loss(b.logits, b.labels, ref_logprobs=b.ref_logprobs, **kw),
-        "kl": lambda b: ul.kl_divergence(b.logits, b.ref_logits, b.labels, **kw),
-        "simnpo": lambda b: ul.simnpo_loss(b.logits, b.labels, beta=SIMNPO_BETA, **kw),
-        "undial": lambda b: ul.undial_loss(
-            b.logits, b.ref_logits, b.labels, beta=UNDIAL_BETA, shift=False
-        ),
-        "linear_ga": lambda b: ul.linear_ga_loss(b.hidden, b.weight, b.labels, shift=False),
-        "linear_npo": lambda b: ul.linear_npo_loss(
-            b.hidden, b.weight, b.labels, ref_logprobs=b.ref_logprobs, shift=False
-        ),
-        "linear_kl": lambda b: ul.linear_kl_divergence(
-            b.hidden, b.weight, b.ref_hidden, labels=b.labels, shift=False
-        ),
-    }
-    return table[loss]
+    from ..testing import registry
+
+    name, fixed = ENTRIES[loss]
+    entry = registry.entry(name)
+    kw: dict[str, Any] = {"shift": False, **fixed, **options}
+    return lambda b: entry(b.model_output, b.for_registry(), **kw)
+
+
+def float64_value(loss: str, batch: Batch) -> float:
+    """The registry's float64 reference of ``loss`` on ``batch`` (as :func:`providers`' rows
+    call it)."""
+    from ..testing import registry
+
+    name, fixed = ENTRIES[loss]
+    reference = registry.entry(name).reference
+    return reference(batch.model_output, batch.for_registry(), shift=False, **fixed).item()
 
 
 def _float_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
