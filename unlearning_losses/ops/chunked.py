@@ -245,16 +245,18 @@ class PairWorkspace:
         ratio = torch.linalg.vecdot(q, torch.clamp(delta, max=_NEAR, out=z_ref).expm1_())
         c = torch.log1p(ratio)
         far = (delta.amax(-1) > _NEAR) | (ratio.abs() > 0.5)
-        if bool(far.any()):
+        # On the CPU the rare cases are looked for first; elsewhere that would wait on the host.
+        on_cpu = z.device.type == "cpu"
+        if not on_cpu or bool(far.any()):
             lse = torch.logsumexp(z, -1)
             lse_ref = torch.logsumexp(self._floored(self.logq, ref_logits), -1)
             c = torch.where(far, lse - lse_ref, c)
         d = delta.sub_(c[..., None])
         grad = torch.clamp(d, max=_NEAR, out=z_ref).expm1_().mul_(q)
         beyond = d > _NEAR
-        if bool(beyond.any()):
-            lse = torch.logsumexp(z, -1, keepdim=True).expand_as(z)
-            grad[beyond] = (z[beyond] - lse[beyond]).exp()
+        if not on_cpu or bool(beyond.any()):
+            p = z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
+            grad = torch.where(beyond, p, grad, out=grad)
         return grad
 
     @staticmethod
