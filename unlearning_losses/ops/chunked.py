@@ -234,29 +234,24 @@ class PairWorkspace:
 
         ``d = delta - c`` with ``delta = z - z_ref`` and the row constant ``c = lse - lse_ref``
         taken as ``log1p(sum_v q_v expm1(delta_v))``, exact when the rows are close (the
-        difference of two log-sum-exps keeps only the digits they share); rows far apart (that
-        sum beyond 1/2 or a ``delta`` beyond 60) take the log-sum-exps. ``expm1`` is accurate
-        for any ``d``; where ``d`` exceeds 60 (``q`` below float32's range relative to ``p``) the
-        entry is ``p`` itself.
+        difference of two log-sum-exps keeps only the digits they share). The same
+        ``expm1(delta)`` gives ``expm1(d) = expm1(delta) e^-c + expm1(-c)``, so the chunk takes
+        one ``expm1`` pass. Rows far apart (that sum beyond 1/2, or a ``delta`` beyond 60 where
+        ``expm1`` was clamped) take ``p - q`` with ``p`` from its own log-sum-exp.
         """
         z, z_ref = self._floored(self.logp, logits), self._floored(self.logq, ref_logits)
         q = torch.softmax(z_ref, -1, out=self.upcast(z.shape))
         delta = torch.sub(z, z_ref, out=self.weights(z.shape))
-        ratio = torch.linalg.vecdot(q, torch.clamp(delta, max=_NEAR, out=z_ref).expm1_())
-        c = torch.log1p(ratio)
-        far = (delta.amax(-1) > _NEAR) | (ratio.abs() > 0.5)
-        # On the CPU the rare cases are looked for first; elsewhere that would wait on the host.
-        on_cpu = z.device.type == "cpu"
-        if not on_cpu or bool(far.any()):
-            lse = torch.logsumexp(z, -1)
-            lse_ref = torch.logsumexp(self._floored(self.logq, ref_logits), -1)
-            c = torch.where(far, lse - lse_ref, c)
-        d = delta.sub_(c[..., None])
-        grad = torch.clamp(d, max=_NEAR, out=z_ref).expm1_().mul_(q)
-        beyond = d > _NEAR
-        if not on_cpu or bool(beyond.any()):
+        far = delta.amax(-1) > _NEAR
+        grad = torch.clamp(delta, max=_NEAR, out=z_ref).expm1_()
+        ratio = torch.linalg.vecdot(q, grad)
+        far |= ratio.abs() > 0.5
+        c = torch.log1p(ratio)[..., None]
+        grad.mul_(torch.exp(-c)).add_(torch.expm1(-c)).mul_(q)
+        # On the CPU far rows are looked for first; elsewhere that would wait on the host.
+        if z.device.type != "cpu" or bool(far.any()):
             p = z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
-            grad = torch.where(beyond, p, grad, out=grad)
+            grad = torch.where(far[..., None], p.sub_(q), grad, out=grad)
         return grad
 
     @staticmethod
