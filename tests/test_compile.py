@@ -14,6 +14,7 @@ from unlearning_losses import (
     linear_ga_loss,
     linear_kl_divergence,
     linear_kl_loss,
+    linear_me_loss,
     linear_nll_loss,
     linear_npo_loss,
     linear_simnpo_loss,
@@ -85,6 +86,8 @@ def fused_linear_objective(hidden, weight, bias, labels, ref_hidden):
         + linear_simnpo_loss(hidden, weight, labels, bias=bias)
         + linear_kl_divergence(hidden, weight, ref_hidden, labels=labels, bias=bias)
         + linear_kl_loss(hidden, weight, ref_hidden, labels=labels, reduction="none").sum()
+        + linear_me_loss(hidden, weight, labels, bias=bias)
+        + linear_me_loss(hidden, weight.detach(), labels, reduction="none").sum()
     )
 
 

@@ -533,3 +533,34 @@ def test_forward_kl_gradient_near_the_reference_keeps_float32_rounding():
     expected = grad_z @ weight.double()
     error = (grad.double() - expected).abs().max() / expected.abs().max()
     assert error <= 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_me_over_a_masked_vocabulary_is_uniform_over_the_kept_columns(reduction):
+    """A bias of -inf masks columns (a restricted vocabulary): the fused ME is uniform over the
+    finite logits, as the logits version is, with no gradient into the masked columns."""
+    g = torch.Generator().manual_seed(4)
+    h, W = torch.randn(2, 5, 3, generator=g), torch.randn(9, 3, generator=g)
+    b = torch.randn(9, generator=g)
+    b[[2, 7]] = float("-inf")
+    labels = torch.randint(0, 7, (2, 5), generator=g)  # ME reads only which positions count
+    labels[0, 1] = -100
+
+    def fused(h, W, b):
+        return ul.linear_me_loss(h, W, labels, bias=b, reduction=reduction, chunk_rows=3)
+
+    def logits_version(z, W, b):
+        return ul.me_loss(z, labels, reduction=reduction)
+
+    got = _run(fused, h, W, b, None, False)
+    expected = _run(logits_version, h, W, b, None, True)
+    kept = torch.ones(9, dtype=torch.bool)
+    kept[[2, 7]] = False
+    assert torch.isfinite(got[0]).all()
+    assert (got[3][~kept] == 0).all()  # the masked columns' bias gradient
+    torch.testing.assert_close(got[3][kept], expected[3][kept], rtol=1e-5, atol=1e-6)
+    for a, e in zip(got[:3], expected[:3], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    # The same loss with the masked columns dropped from the head.
+    dropped = _run(lambda h, W, b: fused(h, W[kept], b[kept]), h, W, b, None, False)
+    torch.testing.assert_close(got[0], dropped[0], rtol=1e-5, atol=1e-6)

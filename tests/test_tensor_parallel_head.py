@@ -53,6 +53,10 @@ def _losses(labels, ref_hidden, ref_logprobs):
         "kl": lambda h, w, b, **kw: ul.linear_kl_divergence(
             h, w, ref_hidden, labels=labels, bias=b, **kw
         ),
+        "me": lambda h, w, b, **kw: ul.linear_me_loss(h, w, labels, bias=b, **kw),
+        "me_none": lambda h, w, b, **kw: ul.linear_me_loss(
+            h, w, labels, bias=b, reduction="none", **kw
+        ),
         "kl_loss_reverse": lambda h, w, b, **kw: ul.linear_kl_loss(
             h, w, ref_hidden, labels=labels, bias=b, direction="reverse", reduction="none", **kw
         ),

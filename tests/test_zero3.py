@@ -19,7 +19,9 @@ def _inputs():
     return hidden, labels
 
 
-@pytest.mark.parametrize("loss", [ul.linear_ga_loss, ul.linear_npo_loss, ul.linear_simnpo_loss])
+@pytest.mark.parametrize(
+    "loss", [ul.linear_ga_loss, ul.linear_npo_loss, ul.linear_simnpo_loss, ul.linear_me_loss]
+)
 def test_head_loss_is_the_loss_of_the_heads_weight_and_bias(loss):
     head = torch.nn.Linear(8, 16)
     hidden, labels = _inputs()

@@ -24,6 +24,7 @@ from .losses.linear import (
     linear_simnpo_loss,
     linear_token_logprobs,
 )
+from .losses.linear_me import linear_me_loss
 from .losses.logprobs import token_logprobs
 from .losses.me import me_loss
 from .losses.nll import ga_loss, idk_loss, nll_loss
@@ -55,6 +56,7 @@ __all__ = [
     "linear_ga_loss",
     "linear_kl_divergence",
     "linear_kl_loss",
+    "linear_me_loss",
     "linear_nll_loss",
     "linear_npo_loss",
     "linear_simnpo_loss",

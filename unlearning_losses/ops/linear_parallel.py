@@ -26,6 +26,7 @@ from .autocast import autocast_off
 from .linear import LINEAR_CHUNK_BYTES
 from .logit_map import LogitMap
 from .numerics import PairMode, accumulation_dtype
+from .vocab_stats import uniform_kl
 
 Head = tuple[Tensor, Tensor | None]
 
@@ -137,3 +138,23 @@ def vocab_parallel_kl(
     ref_rows = ref_hidden[:, : valid.shape[1]]
     width = head[0].shape[0]
     return _in_chunks(chunk, hidden, valid, width, vocab.group, chunk_rows, ref_rows)
+
+
+def vocab_parallel_uniform_kl(
+    hidden: Tensor,
+    head: Head,
+    valid: Tensor,
+    vocab: VocabShard,
+    logit_map: LogitMap,
+    chunk_rows: int | None,
+) -> Tensor:
+    """Per-token KL(U || P) ``(B, L)`` of ``hidden[:, :L]`` through this rank's rows of the head,
+    U uniform over the whole vocabulary's finite logits; differentiable in ``hidden`` and the
+    head."""
+
+    def chunk(rows: Tensor, valid_rows: Tensor) -> Tensor:
+        z = _mapped_logits(rows, valid_rows, head, logit_map)
+        return uniform_kl(z, valid_rows[None], vocab=vocab)[0]
+
+    width = head[0].shape[0]
+    return _in_chunks(chunk, hidden, valid, width, vocab.group, chunk_rows)

@@ -525,6 +525,7 @@ HIDDEN: tuple[Entry, ...] = (
         granularity="token",
     ),
     _hidden(ul.linear_simnpo_loss, "simnpo_loss"),
+    _hidden(ul.linear_me_loss, "me_loss"),
     *(
         _hidden(function, name, _kl_inputs(labelled), ("ref_bias",), direction=direction)
         for function, name, labelled, direction in (
