@@ -15,7 +15,7 @@ not require grad is skipped.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -428,6 +428,49 @@ def _forward_pass_gradients(
     return grads
 
 
+class SumPass(NamedTuple):
+    """What a scalar fused-linear pass (gradients formed in the forward) walks and fills: the
+    accumulation dtype, the chunk budget and row groups, the gradient accumulators (None when
+    nothing needs one), each token's coefficient (0 where not valid) and the running total."""
+
+    acc: torch.dtype
+    budget: int
+    groups: list
+    grads: _Gradients | None
+    coefficient: Tensor
+    total: Tensor
+
+    @staticmethod
+    def start(
+        hidden: Tensor,
+        head: tuple[Tensor, Tensor | None],
+        valid: Tensor,
+        scale: Tensor,
+        chunk_rows: int | None,
+        grad_enabled: bool,
+    ) -> SumPass:
+        weight, bias = head
+        acc = accumulation_dtype(hidden.dtype)
+        budget = _budget(chunk_rows, weight.shape[0])
+        groups = row_groups(valid, weight.shape[0], budget)
+        return SumPass(
+            acc,
+            budget,
+            groups,
+            _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled),
+            torch.where(valid, scale.to(acc), 0.0),
+            torch.zeros((), dtype=acc, device=hidden.device),
+        )
+
+    def chunks(self, vocab: int) -> Iterator[tuple[slice, slice]]:
+        return row_chunks(self.groups, vocab, self.budget)
+
+    def finish(self, ctx: Any, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Hand the gradients to ``ctx`` for the backward; the total."""
+        ctx.grads = None if self.grads is None else self.grads.result(weight, bias)
+        return self.total
+
+
 class LinearTokenSum(torch.autograd.Function):
     """``sum over valid rows of log p(target) * scale``, a scalar, from hidden states and a head.
 
@@ -451,32 +494,26 @@ class LinearTokenSum(torch.autograd.Function):
         logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
-        acc = accumulation_dtype(hidden.dtype)
+        run = SumPass.start(hidden, (weight, bias), valid, scale, chunk_rows, grad_enabled)
         vocab = weight.shape[0]
-        budget = _budget(chunk_rows, vocab)
-        groups = row_groups(valid, vocab, budget)
-        grads = _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled)
         safe_targets = torch.where(valid, targets, 0)
-        coefficient = torch.where(valid, scale.to(acc), 0.0)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        scratch = Scratch(hidden, acc, CACHE_BLOCK_BYTES, vocab)
-        for b, t in row_chunks(groups, vocab, budget):
+        scratch = Scratch(hidden, run.acc, CACHE_BLOCK_BYTES, vocab)
+        for b, t in run.chunks(vocab):
             scored = _scored_rows(hidden, valid, b, t)
-            z = _logits(scored, weight, bias, acc, logit_map)
+            z = _logits(scored, weight, bias, run.acc, logit_map)
             chunk_targets = safe_targets[b, t].reshape(-1, 1)
-            chunk_coefficient = coefficient[b, t].reshape(-1, 1)
+            chunk_coefficient = run.coefficient[b, t].reshape(-1, 1)
             for block, rows in _cache_blocks(z):
                 logp = torch.log_softmax(block, -1, out=scratch(block.shape))
                 index, c = chunk_targets[rows], chunk_coefficient[rows]
                 label_logp = logp.gather(-1, index)
-                total += (label_logp * c).sum()
-                if grads is not None:
+                run.total.add_((label_logp * c).sum())
+                if run.grads is not None:
                     _label_gradient_block(block, logp, label_logp, index, c, logit_map)
-            if grads is not None:
-                grads.add(b, t, scored, weight, z)
+            if run.grads is not None:
+                run.grads.add(b, t, scored, weight, z)
             del z  # before the next chunk's logits exist
-        ctx.grads = None if grads is None else grads.result(weight, bias)
-        return total
+        return run.finish(ctx, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -506,19 +543,14 @@ class LinearKLSum(torch.autograd.Function):
         logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
-        acc = accumulation_dtype(hidden.dtype)
-        vocab = weight.shape[0]
-        budget = _budget(chunk_rows, vocab)
-        groups = row_groups(valid, vocab, budget)
-        grads = _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled)
-        coefficient = torch.where(valid, scale.to(acc), 0.0)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        for b, t in row_chunks(groups, vocab, budget):
+        run = SumPass.start(hidden, (weight, bias), valid, scale, chunk_rows, grad_enabled)
+        grads = run.grads
+        for b, t in run.chunks(weight.shape[0]):
             scored = _scored_rows(hidden, valid, b, t)
-            z = _logits(scored, weight, bias, acc, logit_map)
+            z = _logits(scored, weight, bias, run.acc, logit_map)
             ref_rows = _scored_rows(ref_hidden, valid, b, t)
-            ref_z = _logits(ref_rows, ref_weight, ref_bias, acc, logit_map)
-            chunk_coefficient = coefficient[b, t].reshape(-1, 1)
+            ref_z = _logits(ref_rows, ref_weight, ref_bias, run.acc, logit_map)
+            chunk_coefficient = run.coefficient[b, t].reshape(-1, 1)
             for (block, rows), (ref_block, _) in zip(
                 _cache_blocks(z), _cache_blocks(ref_z), strict=True
             ):
@@ -526,15 +558,14 @@ class LinearKLSum(torch.autograd.Function):
                 weights, scores = pair_scores(logp, logq, mode, 0.0)
                 kl = pair_value(weights, scores)
                 grad_logits = kl_gradient(logp, weights, scores, kl, mode, block, ref_block)
-                total += (kl[:, None] * chunk_coefficient[rows]).sum()
+                run.total.add_((kl[:, None] * chunk_coefficient[rows]).sum())
                 if grads is not None:
                     grad_logits = _chain_(grad_logits, block, logit_map)
                     torch.mul(grad_logits, chunk_coefficient[rows], out=block)
             if grads is not None:
                 grads.add(b, t, scored, weight, z)
             del z, ref_z
-        ctx.grads = None if grads is None else grads.result(weight, bias)
-        return total
+        return run.finish(ctx, weight, bias)
 
     @staticmethod
     @once_differentiable

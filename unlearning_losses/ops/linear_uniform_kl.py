@@ -20,10 +20,10 @@ from .autocast import without_autocast
 from .chunked import row_chunks, row_groups, zero_outside
 from .chunked_stats import uniform_kl_gradient, uniform_kl_partials
 from .linear import (
+    SumPass,
     _budget,
     _cache_blocks,
     _chain_,
-    _forward_pass_gradients,
     _Gradients,
     _logits,
     _scaled_once,
@@ -122,24 +122,18 @@ class LinearUniformKLSum(torch.autograd.Function):
         logit_map: LogitMap,
         grad_enabled: bool,
     ) -> Tensor:
-        acc = accumulation_dtype(hidden.dtype)
-        vocab = weight.shape[0]
-        budget = _budget(chunk_rows, vocab)
-        groups = row_groups(valid, vocab, budget)
-        grads = _forward_pass_gradients(hidden, weight, bias, groups, grad_enabled)
-        coefficient = torch.where(valid, scale.to(acc), 0.0)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        for b, t in row_chunks(groups, vocab, budget):
+        run = SumPass.start(hidden, (weight, bias), valid, scale, chunk_rows, grad_enabled)
+        for b, t in run.chunks(weight.shape[0]):
             scored = _scored_rows(hidden, valid, b, t)
-            z = _logits(scored, weight, bias, acc, logit_map)
+            z = _logits(scored, weight, bias, run.acc, logit_map)
             value, lse, count = _chunk_values(z)
-            total += torch.where(valid[b, t], value * coefficient[b, t], 0.0).sum()
-            if grads is not None:
-                _chunk_gradient_(z, lse, count, coefficient[b, t], logit_map)
-                grads.add(b, t, scored, weight, z)
+            coefficient = run.coefficient[b, t]
+            run.total.add_(torch.where(valid[b, t], value * coefficient, 0.0).sum())
+            if run.grads is not None:
+                _chunk_gradient_(z, lse, count, coefficient, logit_map)
+                run.grads.add(b, t, scored, weight, z)
             del z
-        ctx.grads = None if grads is None else grads.result(weight, bias)
-        return total
+        return run.finish(ctx, weight, bias)
 
     @staticmethod
     @once_differentiable
