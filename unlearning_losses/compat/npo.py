@@ -31,7 +31,8 @@ names here; DTensors are refused (pass ``.to_local()``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,13 @@ class _Answers:
     backend: Backend
     paired: bool
 
+    @staticmethod
+    def of(arguments: dict[str, Any], paired: bool) -> _Answers:
+        """From a compat function's ``locals()``, whose argument names are the fields' (a renamed
+        argument fails at its first call, which the tests make)."""
+        names = [f.name for f in fields(_Answers) if f.name != "paired"]
+        return _Answers(**{name: arguments[name] for name in names}, paired=paired)
+
     def __post_init__(self) -> None:
         ref_forget = check_scored_compared(
             self.forget_logits,
@@ -257,17 +265,7 @@ def dpo_loss(
     ``dpo`` branch, which crashes, has no $2/\beta$ and $\beta = 0.1$ hard-coded.
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=True,
-    )
+    answers = _Answers.of(locals(), paired=True)
     return answers.dpo(beta)
 
 
@@ -288,17 +286,7 @@ def dpo_grad_diff_loss(
     r"""The NPO authors' ``dpo_grad_diff``: :func:`dpo_loss` $+ L_r$, the retain batch's Hugging
     Face NLL, unweighted (the trainer reads no coefficient here)."""
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=True,
-    )
+    answers = _Answers.of(locals(), paired=True)
     check_scored(retain_logits, retain_labels, ignore_index, "retain_logits")
     forget = answers.dpo(beta)
     return forget + _retain_nll(retain_logits, retain_labels, ignore_index, backend)
@@ -321,17 +309,7 @@ def dpo_kl_loss(
     r"""The NPO authors' ``dpo_KL``: :func:`dpo_loss` $+ \mathrm{KL}_r$, KL(reference ‖ model)
     averaged over every position of the retain batch, unweighted."""
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=True,
-    )
+    answers = _Answers.of(locals(), paired=True)
     ref_retain = check_compared(retain_logits, ref_retain_logits, "retain_logits")
     forget = answers.dpo(beta)
     return forget + _retain_kl(retain_logits, ref_retain, backend)
@@ -429,17 +407,7 @@ def kto_sigmoid_loss(
     the mean, one without a valid label with $\Delta_i = 0$.
     """
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=False,
-    )
+    answers = _Answers.of(locals(), paired=False)
     return 1.0 - _mean(torch.sigmoid(answers.kto_argument(beta))) * 2 / beta
 
 
@@ -459,17 +427,7 @@ def kto_logsigmoid_loss(
     $1 - \frac{2}{\beta}\,\mathrm{mean}_i\log\sigma(\mathrm{KL} - \beta\Delta_i)$, with
     :func:`kto_sigmoid_loss`'s $\mathrm{KL}$, $\Delta_i$ and quirks."""
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=False,
-    )
+    answers = _Answers.of(locals(), paired=False)
     return 1.0 - _mean(F.logsigmoid(answers.kto_argument(beta))) * 2 / beta
 
 
@@ -490,17 +448,7 @@ def kto_logsigmoid_grad_diff_loss(
     r"""The NPO authors' ``kto_logsigmoid_grad_diff``: :func:`kto_logsigmoid_loss` $+ L_r$, the
     retain batch's Hugging Face NLL, unweighted."""
     beta = _checks.check_finite_number(beta, "beta", positive=True)
-    answers = _Answers(
-        forget_logits,
-        ref_forget_logits,
-        forget_labels,
-        idk_logits,
-        ref_idk_logits,
-        idk_labels,
-        ignore_index,
-        backend,
-        paired=False,
-    )
+    answers = _Answers.of(locals(), paired=False)
     check_scored(retain_logits, retain_labels, ignore_index, "retain_logits")
     forget = 1.0 - _mean(F.logsigmoid(answers.kto_argument(beta))) * 2 / beta
     return forget + _retain_nll(retain_logits, retain_labels, ignore_index, backend)
