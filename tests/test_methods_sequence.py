@@ -347,6 +347,39 @@ def test_flat_without_template_tokens_is_the_forget_term_alone():
     assert both_empty == 0
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_flat_averages_pairs_where_the_authors_code_pools_the_batch(divergence):
+    """The paper's expectation over pairs: a batch's loss is the mean of its pairs' losses. The
+    authors' code pools each side's probabilities over every position of its padded batch
+    (ignored positions as 0) before g* and f*∘g*: the same on one pair whose every position is
+    scored, not on a padded batch (the documented difference)."""
+    g = torch.Generator().manual_seed(5)
+    forget, template = 2 * torch.randn(2, 3, 6, 10, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (2, 3, 6), generator=g)
+    g_star, conjugate = ref.FLAT_VARIATIONAL[divergence]
+
+    def pooled(logits, labels):
+        valid = ref.valid_mask(labels, logits)
+        return torch.where(valid, ref.token_logprobs(logits, labels).exp(), 0.0).mean()
+
+    def authors_form(f, f_labels, e, e_labels):
+        return -g_star(pooled(e, e_labels)) + conjugate(pooled(f, f_labels))
+
+    def ours(f, f_labels, e, e_labels):
+        return flat_loss(f, f_labels, e, e_labels, divergence=divergence)
+
+    scored = (forget[:1], labels[0, :1], template[:1], labels[1, :1])
+    torch.testing.assert_close(ours(*scored), authors_form(*scored), rtol=1e-12, atol=1e-12)
+
+    labels[:, :, :2] = -100  # prompts
+    labels[0, 1, 4:] = -100  # and padding of unequal lengths
+    labels[1, 2, 3:] = -100
+    batch = (forget, labels[0], template, labels[1])
+    per_pair = torch.stack([ours(*(t[i : i + 1] for t in batch)) for i in range(3)])
+    torch.testing.assert_close(ours(*batch), per_pair.mean(), rtol=1e-12, atol=1e-12)
+    assert abs(ours(*batch) - authors_form(*batch)) > 1e-3
+
+
 def test_flat_refuses():
     logits, labels = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4))
     with pytest.raises(ValueError, match=r"template_logits must hold as many sequences as logits"):

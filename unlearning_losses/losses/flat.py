@@ -103,11 +103,15 @@ def flat_loss(
     probability $p_t$ through $\nabla p_t = p_t \nabla \ell_t$: the loss adjustment that gives
     the method its name.
 
-    The authors' code (``UCSC-REAL/FLAT``, ``get_contrastive_loss``) applies $g^*$ and
-    $f^*$ once per batch, to the token probabilities averaged over every position of the batch
-    (prompt and padding counted as probability 0), where the paper takes the expectation over
-    samples of each answer's probability; this function follows the paper (per pair, valid
-    tokens only). Its default divergence is the code's (``Total-Variation``).
+    The authors' code (``UCSC-REAL/FLAT``, ``dataloader.py``, loss ``cl``,
+    ``get_contrastive_loss``) has the same signs and the same $g^*$ and $f^* \circ g^*$, but
+    applies them once per batch, to each side's token probabilities averaged over every
+    position of its padded batch (prompt and padding counted as probability 0), where the paper
+    takes the expectation over samples of each answer's probability: the two agree on one pair
+    whose every position is scored. This function follows the paper (per pair, valid tokens
+    only). The code pairs each forget answer with a random line of its "I don't know" file as
+    the template answer to the same question; its default divergence, ``Total-Variation``, is
+    the default here (it also offers reverse KL, Jeffrey, squared Hellinger and Neyman).
 
     Args:
         logits: ``(B, T_f, V)`` or ``(N_f, V)``, the model on the forget answers.

@@ -251,16 +251,17 @@ def rkld_loss(
         \sum_v p_\theta(v)\,\big(\log p_\theta(v) - \log \mathrm{softmax}(z^*_t)_v\big)
     $$
 
-    (Wang et al., NAACL 2025, "Balancing Forget Quality and Model Utility: A Reverse
-    KL-Divergence Knowledge Distillation Approach for Better Unlearning in LLMs"; arXiv
-    2406.01983, "RKLD"). The teacher is WHP's generic prediction (see :func:`whp_loss`), kept
-    as a distribution; "reverse" is the distillation sense, student first:
-    $\mathrm{KL}(p_\theta \| q)$, mode-seeking, so the student drops the teacher's lowered
-    tokens rather than spreading mass over them. In this library's naming that is the
-    ``"forward"`` direction of :func:`kl_divergence` (model first). Gradient
-    $p_j(\log p_j - \log q_j - \mathrm{KL}_t)/|M|$. No public code accompanies the paper;
-    the formula is the paper's. Tokens with $q = 0$ (masked in the reference) are treated as
-    :func:`kl_divergence` treats them.
+    (Wang et al., 2024, "RKLD: Reverse KL-Divergence-based Knowledge Distillation for
+    Unlearning Personal Information in Large Language Models", arXiv 2406.01983; published at
+    NAACL 2025 as "Balancing Forget Quality and Model Utility: A Reverse KL-Divergence Knowledge
+    Distillation Approach for Better Unlearning in LLMs", where the method is named RKLU). The
+    teacher is WHP's generic prediction (see :func:`whp_loss`), kept as a distribution;
+    "reverse" is the distillation sense, student first: $\mathrm{KL}(p_\theta \| q)$,
+    mode-seeking, so the student drops the teacher's lowered tokens rather than spreading mass
+    over them. In this library's naming that is the ``"forward"`` direction of
+    :func:`kl_divergence` (model first). Gradient $p_j(\log p_j - \log q_j - \mathrm{KL}_t)/|M|$.
+    No code from the authors was found to compare with. Tokens with $q = 0$ (masked in the
+    reference) are treated as :func:`kl_divergence` treats them.
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``, the model being unlearned.
@@ -340,15 +341,22 @@ def elm_loss(
     for the concept to erase ($c_-$, "written by an expert"): by Bayes' rule
     $q \propto p\,\big(p(c_+ \mid x)/p(c_- \mid x)\big)^\eta$. All three are frozen; slice the
     prefixed runs so that row *t* of each scores the same next token as ``logits[:, t]``.
-    Gradient $(p_t - q_t)/|M|$. This is the erasing term only; the paper adds a retain term
-    (e.g. :func:`kl_divergence` on retain text) and a fluency term.
+    Gradient $(p_t - q_t)/|M|$. This is the erasing term only; ELM's objective adds a retain
+    term and a conditional-fluency term.
 
-    The authors' code (``rohitgandikota/erasing-llm``, ``trainscripts/erase.py``) differs:
-    its ``positive_concept_prompt`` is the expert prompt, the one to erase ($c_-$ here); it
-    ramps $\eta$ linearly from 1 to ``--eta`` (default 1000) along the positions of each
-    text; it divides the three models' logits by a temperature (default 1.2: divide
-    ``ref_logits``, ``positive_logits``, ``negative_logits`` by it to match) before the
-    log-softmax; and it averages over every position of the unpadded text (``labels=None``).
+    The authors' code (``rohitgandikota/erasing-llm``, ``trainscripts/erase.py``) takes the
+    same soft-target cross-entropy (``--loss cross``; ``kld`` gives $\mathrm{KL}(q \| p)$, the
+    same gradient) but builds $q$ differently: its ``positive_concept_prompt`` is the expert
+    prompt, the one to erase ($c_-$ here); it ramps $\eta$ linearly from 1 to ``--eta``
+    (default 1000) along the positions of each text; it divides the three models' logits by a
+    temperature (default 1.2: divide ``ref_logits``, ``positive_logits``, ``negative_logits`` by
+    it to match) before the log-softmax; and it keeps only the 50 largest target logits of each
+    position (``--topk``), masking the rest. It averages over every position of the unpadded
+    text (``labels=None``). With a constant $\eta$ and no top-k its erasing term is this
+    function's value. Its other terms, weight 1 each: on retain text, the cross-entropy to the
+    original model's most likely token at each position (``nll_loss`` of those argmax labels,
+    ``shift=False``); and, for fluency, the NLL of a continuation that the original model
+    samples under the same steering after the erased text and a change-of-topic phrase.
 
     An entry masked (``-inf``) in any of the three helpers is masked in $q$; a row where every
     entry is masked has no target and gives NaN.

@@ -40,11 +40,14 @@ def ihl_loss(
     $p_y\,[j = y] - p_a\,[j = a] - c\,p_j$. A row whose label is its only finite logit has no
     runner-up: $p_a = 0$.
 
-    The authors' code (``csm9493/efficient-llm-unlearning``, torchmetrics' Crammer-Singer
-    multiclass hinge) computes the same value from the probabilities, not their logarithms,
-    clamped at 0 (a no-op: the margin is never below -1), averaged over the valid tokens. It
-    applies the softmax only when some value of the batch lies outside ``[0, 1]``, so logits that
-    all lie in ``[0, 1]`` are taken as probabilities there; here the logits are always logits.
+    The authors' code (``csm9493/efficient-llm-unlearning``, ``TOFU/dataloader.py``, a copy of
+    torchmetrics' Crammer-Singer multiclass hinge) computes the same value from the
+    probabilities, not their logarithms, clamped at 0 (a no-op: the margin is never below -1),
+    averaged over the valid tokens of the batch with the same shift. It applies the softmax only
+    when some value of the batch lies outside ``[0, 1]``, so logits that all lie in ``[0, 1]``
+    are taken as probabilities there; here the logits are always logits. Its ``IHL`` run adds
+    the retain set's :func:`nll_loss` with weight 1 (gradient difference with IHL in place of
+    ascent): ``combine_with_retain(ihl_loss(...), nll_loss(...))``.
 
     Args:
         logits: {logits}

@@ -39,10 +39,21 @@ def jsd_loss(
     distribution of the label (without ``ref_logits``) or the reference model's distribution
     (``ref_logits``, a constant). JensUn (Singh et al., 2025, "Unlearning That Lasts:
     Utility-Preserving, Robust, and Almost Irreversible Forgetting in LLMs", arXiv 2509.02820)
-    minimizes it on the forget set toward a refusal (labels: the refusal's tokens, as
-    :func:`idk_loss`) and on the retain set toward the reference model; both terms are bounded by
-    the entropy of the weights, $\log 2$ at $\beta = 1/2$ (the JSD proper), so neither can run
-    away. It is 0 exactly where $P = Q$, with a zero gradient.
+    minimizes it at $\beta = 1/2$ on the forget set toward a refusal such as "No idea" and on the
+    retain set toward the reference model; both terms are bounded by the entropy of the weights,
+    $\log 2$ at $\beta = 1/2$ (the JSD proper), so neither can run away. It is 0 exactly where
+    $P = Q$, with a zero gradient.
+
+    The authors' code (``nmndeep/JensUn-Unlearning``, ``src/trainer/utils.py``) runs the model
+    on the forget question and its true answer and targets, at the answer's positions, the
+    refusal's tokens repeated cyclically ("No", " Idea", "No", ...): pass those as ``labels``
+    at the answer's positions, with the logits of that run. It fixes $\beta = 1/2$, clamps both
+    distributions at ``1e-9`` without renormalising (a token's value moves by about ``1e-4`` at
+    $V$ = 32k), averages over the valid tokens of the batch and weighs forget and retain terms 1;
+    its retain term is this loss with ``ref_logits`` (the mixture's logarithm floored at
+    ``1e-10``). Its first release (September 2025) read no labels: it averaged both terms over
+    every position of the batch, prompt and padding included, and gave its forget target mass 1
+    on every refusal token at every position.
 
     Gradient w.r.t. the logits: $\beta\,p_j\big(\log(p_j / m_j) - \mathrm{KL}(P \,\|\,
     M)\big)$. The mixture's logarithm is never taken (its probabilities may underflow where the

@@ -41,13 +41,19 @@ def me_loss(
 
     A masked vocabulary (``-inf`` logits) lies outside the support: $U$ is then uniform over
     the row's $V'$ finite logits and $V'$ replaces $V$ (the gradient at a masked column is 0),
-    so the loss stays finite where the paper's KL would be infinite. Without masked entries this
-    is the paper's formula exactly.
+    so the loss stays finite where the formula over every column would be infinite. Without
+    masked entries this is the formula above exactly: the direction KL(U || p) of the authors'
+    code. The entropy form KL(p || U) = log V - H(p) has the same minimiser (the uniform
+    distribution) but another gradient, $p_j(\log p_j + H(p))$, which vanishes as $p$ nears
+    uniform; the paper's body, which might state that form, was not available to check.
 
-    The authors' code (``sail-sg/closer-look-LLM-unlearning``, ``get_me_loss``) takes
-    ``log(softmax + 1e-12)``, which bounds each log-probability at about -27.6 (and so the loss
-    of a very peaked distribution) and differs from the formula by up to ``1e-12 / p_v`` per
-    entry; it averages over the valid tokens with the same shift, as here.
+    The authors' code (``sail-sg/closer-look-LLM-unlearning``, ``trainer/losses.py``,
+    ``get_me_loss``) computes this direction, ``kl_div(log(softmax + 1e-12), uniform)``: the
+    ``1e-12`` bounds each log-probability at about -27.6 (and so the loss of a very peaked
+    distribution) and differs from the formula by up to ``1e-12 / p_v`` per entry. It averages
+    over the valid tokens of the batch with the same shift, as here (a batch without one gives
+    NaN there). Its ME+GD weighs this loss 0.1 and the retain NLL 1:
+    ``combine_with_retain(me_loss(...), nll_loss(...), forget_weight=0.1)``.
 
     Args:
         logits: {logits}
