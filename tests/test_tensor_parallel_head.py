@@ -6,6 +6,8 @@ for uneven slices and a rank holding none, with a softcapped head and NaN paddin
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import unlearning_losses as ul
+from unlearning_losses.ops import linear_parallel
 
 H = 6
 
@@ -76,11 +79,13 @@ def _close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * scale, msg=what)
 
 
-def _check(rank: int, widths: tuple[int, ...], as_dtensor: bool) -> None:
+def _check(
+    rank: int, widths: tuple[int, ...], as_dtensor: bool, chunk_rows: int | None = 4
+) -> None:
     vocab = sum(widths)
     hidden, ref_hidden, weight, bias, labels, ref_logprobs = _inputs(vocab)
     rows = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
-    options = {"logit_softcap": 2.5, "chunk_rows": 4}
+    options = {"logit_softcap": 2.5, "chunk_rows": chunk_rows}
     for name, fn in _losses(labels, ref_hidden, ref_logprobs).items():
         what = f"{name} with widths {widths}{' as a DTensor' if as_dtensor else ''}"
         w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
@@ -124,8 +129,17 @@ def _check_autocast(rank: int) -> None:
             torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _check_default_chunks(rank: int, widths: tuple[int, ...]) -> None:
+    """Without ``chunk_rows``, slices of different widths still take the same chunks of rows:
+    sized by a rank's own width, the ranks' per-chunk collectives would not pair up."""
+    budget = 4 * 3 * max(widths)  # three rows of the widest slice: several chunks
+    with mock.patch.object(linear_parallel, "LINEAR_CHUNK_BYTES", budget):
+        _check(rank, widths, as_dtensor=False, chunk_rows=None)
+
+
 def _two_ranks(rank: int) -> None:
     _check(rank, (7, 4), as_dtensor=False)
+    _check_default_chunks(rank, (9, 2))
     _check_autocast(rank)
 
 

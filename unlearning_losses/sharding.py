@@ -55,6 +55,9 @@ class VocabShard:
     group: Any
     offset: int | Tensor
     size: int | Tensor
+    #: The widest rank's number of columns: work chunked by rows is sized by it, so that every
+    #: rank takes the same chunks and the collectives inside each chunk pair up.
+    widest: int | Tensor
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,10 @@ def group_vocab_shard(width: int, device: torch.device, group: Any) -> VocabShar
     widths = torch.zeros(world, dtype=torch.int64, device=device)
     widths[rank] = width
     dist.all_reduce(widths, op=dist.ReduceOp.SUM, group=group)
-    offset, size = widths[:rank].sum(), widths.sum()
+    offset, size, widest = widths[:rank].sum(), widths.sum(), widths.max()
     if device.type == "cpu":  # no device to wait for: plain integers
-        return VocabShard(group, int(offset), int(size))
-    return VocabShard(group, offset, size)
+        return VocabShard(group, int(offset), int(size), int(widest))
+    return VocabShard(group, offset, size, widest)
 
 
 def check_same_on_group(hidden: Tensor, targets: Tensor, group: Any, name: str) -> None:
@@ -208,7 +211,7 @@ def from_dtensor(logits: Any, name: str, *, vocab_parallel: bool = True) -> Shar
         size, parts = logits.shape[-1], mesh.size(mesh_dim)
         step = -(-size // parts)  # DTensor's Shard splits as torch.chunk does
         offset = min(mesh.get_local_rank(mesh_dim) * step, size)
-        vocab = VocabShard(mesh.get_group(mesh_dim), offset, size)
+        vocab = VocabShard(mesh.get_group(mesh_dim), offset, size, min(step, size))
     return Sharding(
         vocab=vocab,
         batch_group=mesh.get_group(roles["batch"]) if "batch" in roles else None,

@@ -66,20 +66,23 @@ def _in_chunks(
     per_chunk: Callable[..., Tensor],
     hidden: Tensor,
     valid: Tensor,
-    width: int,
-    group: Any,
+    vocab: VocabShard,
     chunk_rows: int | None,
     *per_row: Tensor,
 ) -> Tensor:
     """``per_chunk(hidden rows, valid rows, *per_row rows)`` over chunks of the ``(B, L)`` tokens,
     each checkpointed when a gradient will be needed, joined back as ``(B, L)``; the hidden
-    states' gradient is summed over ``group``."""
+    states' gradient is summed over the group.
+
+    Every rank must take the same chunks (each chunk's collectives pair up across the group), so
+    they are sized by the widest rank's slice, the same number on every rank; on an accelerator
+    reading it waits once for the collective that found it."""
     tracked = torch.is_grad_enabled()
     if tracked and hidden.requires_grad:
-        hidden = _SharedInput.apply(hidden, group)
+        hidden = _SharedInput.apply(hidden, vocab.group)
     flat_hidden = hidden[:, : valid.shape[1]].reshape(-1, hidden.shape[-1])
     flat = [valid.reshape(-1), *(t.reshape(-1, *t.shape[2:]) for t in per_row)]
-    step = chunk_rows or max(1, LINEAR_CHUNK_BYTES // (4 * max(1, width)))
+    step = chunk_rows or max(1, LINEAR_CHUNK_BYTES // (4 * max(1, int(vocab.widest))))
     parts = []
     for start in range(0, flat_hidden.shape[0], step):
         rows = slice(start, start + step)
@@ -111,8 +114,7 @@ def vocab_parallel_logprobs(
         z = _mapped_logits(rows, valid_rows, head, logit_map)
         return label_logprobs(z, target_rows[None], valid_rows[None], vocab=vocab)[0]
 
-    width = head[0].shape[0]
-    return _in_chunks(chunk, hidden, valid, width, vocab.group, chunk_rows, targets)
+    return _in_chunks(chunk, hidden, valid, vocab, chunk_rows, targets)
 
 
 def vocab_parallel_kl(
@@ -136,8 +138,7 @@ def vocab_parallel_kl(
         return token_kl(z, ref_z, valid_rows[None], mode=mode, vocab=vocab)[0]
 
     ref_rows = ref_hidden[:, : valid.shape[1]]
-    width = head[0].shape[0]
-    return _in_chunks(chunk, hidden, valid, width, vocab.group, chunk_rows, ref_rows)
+    return _in_chunks(chunk, hidden, valid, vocab, chunk_rows, ref_rows)
 
 
 def vocab_parallel_uniform_kl(
@@ -156,5 +157,4 @@ def vocab_parallel_uniform_kl(
         z = _mapped_logits(rows, valid_rows, head, logit_map)
         return uniform_kl(z, valid_rows[None], vocab=vocab)[0]
 
-    width = head[0].shape[0]
-    return _in_chunks(chunk, hidden, valid, width, vocab.group, chunk_rows)
+    return _in_chunks(chunk, hidden, valid, vocab, chunk_rows)
