@@ -125,6 +125,25 @@ def test_whp_targets_lower_what_the_reinforced_model_likes_more():
     )
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("helper", ["ref_logits", "reinforced_logits"])
+def test_whp_with_a_nan_in_a_helper_is_nan_only_where_it_lies(helper, backend):
+    """argmax reads a NaN as the largest entry: the token must come out NaN, not trained toward
+    the NaN's column; other tokens and an ignored row's NaN are unaffected."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 4, 6, generator=g)
+    helpers = {"ref_logits": torch.randn(1, 4, 6, generator=g)}
+    helpers["reinforced_logits"] = helpers["ref_logits"] + torch.rand(1, 4, 6, generator=g)
+    helpers[helper][0, 1, 3] = math.nan  # scores the label at position 2
+    helpers[helper][0, 3, 0] = math.nan  # the last position: shifted out
+    labels = torch.tensor([[-100, 2, 4, 1]])
+    per_token = whp_loss(logits, labels, **helpers, backend=backend, reduction="none")
+    assert torch.isnan(per_token[0, 1]) and torch.isfinite(per_token[0, 2])
+    assert torch.isnan(whp_loss(logits, labels, **helpers, backend=backend))
+    clean = torch.tensor([[-100, 2, -100, 1]])  # the NaN row scores nothing
+    assert torch.isfinite(whp_loss(logits, clean, **helpers, backend=backend))
+
+
 # --- RKLD ---------------------------------------------------------------------------------------
 
 

@@ -203,7 +203,7 @@ def whp_loss(
     _checks.check_choice(reduction, REDUCTIONS, "reduction")
     num_items = _checks.check_mean_count(num_items_in_batch, tokens.logits, reduction)
     with torch.no_grad():
-        targets = _argmax_targets(
+        targets, undefined = _argmax_targets(
             tokens.logits,
             tokens.valid,
             lambda out, work, rows: whp_target_logits(out, rows[0], rows[1], alpha, work),
@@ -212,19 +212,24 @@ def whp_loss(
     logprobs = ops.label_logprobs(
         tokens.logits, targets, tokens.valid, backend=backend, inplace_backward=inplace_backward
     )
+    per_token = torch.where(undefined, float("nan"), -logprobs)  # NaN in a helper: NaN out
     return tokens.unflatten(
-        token_reduce(-logprobs, tokens.valid, reduction, num_items, tokens.sharding)
+        token_reduce(per_token, tokens.valid, reduction, num_items, tokens.sharding)
     )
 
 
 def _argmax_targets(
     logits: Tensor, valid: Tensor, target_of: TargetOf, helpers: tuple[Tensor, ...]
-) -> Tensor:
-    """Per row of ``[:, :L]``, the argmax of the chunk-built target logits (0 where not valid)."""
+) -> tuple[Tensor, Tensor]:
+    """Per row of ``[:, :L]``, the argmax of the chunk-built target logits (0 where not valid),
+    and whether the row's target holds a NaN: ``argmax`` takes a NaN for the largest entry, so
+    such a row would otherwise train toward the NaN's column, silently."""
     targets = torch.zeros(valid.shape, dtype=torch.long, device=logits.device)
+    undefined = torch.zeros(valid.shape, dtype=torch.bool, device=logits.device)
     for b, t, target in _chunks(logits, valid, target_of, helpers):
         targets[b, t] = torch.where(valid[b, t], target.argmax(-1), 0)
-    return targets
+        undefined[b, t] = valid[b, t] & torch.isnan(target).any(-1)
+    return targets, undefined
 
 
 @shared_arguments
