@@ -8,7 +8,14 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from unlearning_losses import ceu_loss, kl_divergence, token_logprobs, undial_loss
+from unlearning_losses import (
+    ceu_loss,
+    elm_loss,
+    kl_divergence,
+    rkld_loss,
+    token_logprobs,
+    undial_loss,
+)
 from unlearning_losses.ops import _triton_common
 from unlearning_losses.testing import reference as ref
 from unlearning_losses.testing.compare import assert_close_to_reference, value_and_grad
@@ -308,3 +315,77 @@ def test_soul_reference_cross_entropy_kernel_equals_the_chunked_path(dtype):
     assert (torch.softmax(ref_logits.float(), -1) < 1e-12).any()
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=2e-2, atol=1e-4)
+
+
+def _masked_at_top_two(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``logits`` with ``-inf`` at the two entries per row where ``weights`` are largest."""
+    return logits.scatter(-1, weights.topk(2, dim=-1).indices, float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("loss", ["kl forward", "kl reverse", "rkld", "elm"])
+def test_entries_masked_on_one_side_give_the_chunked_paths_finite_value_and_gradient(dtype, loss):
+    """One side masks (``-inf``) the two entries the other weighs most: their floored log-ratio
+    is near the largest float32 and the value a huge finite one. The kernel's unnormalised
+    weights there sum past 1, so an unscaled weighted sum overflows to inf (and the gradient to
+    -inf). Forward KL and RKLD: the reference masks; reverse KL and ELM's soft target: the model
+    masks."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 7, 40, generator=g)
+    ref_logits = torch.randn(2, 7, 40, generator=g)
+    positive = torch.randn(2, 7, 40, generator=g)
+    negative = torch.randn(2, 7, 40, generator=g)
+    eta = 0.5
+    if loss in ("kl forward", "rkld"):
+        ref_logits = _masked_at_top_two(ref_logits, logits)
+    elif loss == "kl reverse":
+        logits = _masked_at_top_two(logits, ref_logits)
+    else:  # ELM's target logits, z_ref + eta (z_positive - z_negative)
+        logits = _masked_at_top_two(logits, ref_logits + eta * (positive - negative))
+    logits, ref_logits = logits.to(dtype).to(DEVICE), ref_logits.to(dtype).to(DEVICE)
+    positive, negative = positive.to(dtype).to(DEVICE), negative.to(dtype).to(DEVICE)
+    labels = torch.randint(0, 40, (2, 7), generator=g).to(DEVICE)
+    labels[1, 4] = -100
+    # The model-weighted KL's gradient is as huge as its value: an upstream gradient that scales
+    # both to about 1 keeps float16's gradient finite.
+    scale = 1e-37 if loss in ("kl forward", "rkld") else 1.0
+    upstream = (torch.randn(2, 7, generator=g) * scale).to(DEVICE)
+    aligned = {"reduction": "none", "shift": False}
+
+    def run(backend):
+        def fn(x):
+            if loss == "rkld":
+                per_token = rkld_loss(
+                    x,
+                    labels,
+                    ref_logits=ref_logits,
+                    reinforced_logits=ref_logits,
+                    backend=backend,
+                    **aligned,
+                )
+            elif loss == "elm":
+                per_token = elm_loss(
+                    x,
+                    labels,
+                    ref_logits=ref_logits,
+                    positive_logits=positive,
+                    negative_logits=negative,
+                    eta=eta,
+                    backend=backend,
+                    **aligned,
+                )
+            else:
+                direction = loss.removeprefix("kl ")
+                per_token = kl_divergence(
+                    x, ref_logits, labels, direction=direction, backend=backend, **aligned
+                )
+            return per_token * upstream
+
+        return value_and_grad(fn, logits, 1.0)
+
+    (value_t, grad_t), (value_c, grad_c) = run("triton"), run("torch")
+    assert torch.isfinite(value_c).all() and (value_c / upstream).abs().max() > 1e37
+    torch.testing.assert_close(value_t, value_c, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad_t).all() and torch.isfinite(grad_c).all()
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(grad_t.float(), grad_c.float(), rtol=tol, atol=tol)

@@ -6,7 +6,10 @@ One program per row of ``logits[:, :L]`` and ``ref_logits[:, :L]`` (strided, int
 forward makes one pass over the vocabulary keeping, per row, scalar online maxima and sums for both
 log-sum-exps (two exponentials per logit pair; SOUL's mode makes a second pass, once both are
 known). ``-inf`` entries (masked vocabulary) are floored at the lowest finite float32, so that a
-zero weight times their difference is 0; NaN stays NaN.
+zero weight times their difference is 0; NaN stays NaN. Where only one side masks an entry, its
+score is near the largest float32 (as on the chunked path, a huge finite value): the weighted sums
+accumulate scaled by ``2^-32`` and are divided by the scaled normaliser, so that unnormalised
+weights (each up to 1) times such scores do not overflow before the division.
 
 KL without cancellation. With ``delta = z - z_ref`` (exact when the inputs are close) the
 log-ratio is ``d = log p - log q = delta - c`` with the row constant ``c = lse - lse_ref``. When
@@ -57,6 +60,10 @@ REFERENCE_CE = tl.constexpr(KERNEL_MODES[PairMode.REFERENCE_CE])
 #: Beyond this log-ratio the forward takes ``c`` from the log-sum-exps (its sum of
 #: ``e_ref expm1(delta)`` could overflow).
 _NEAR = tl.constexpr(60.0)
+#: The weighted sums' scale, an exact power of two: with scores below 2^129 in magnitude, the
+#: sums of up to 2^32 unnormalised weights times them stay finite, and only terms below 2^-94
+#: (subnormal once scaled) round differently than unscaled.
+_SUM_SCALE = tl.constexpr(2.0**-32)
 
 
 @triton.jit
@@ -120,8 +127,8 @@ def _pair_forward_kernel(
     base = logits_ptr + b * stride_logits_b + t * stride_logits_t
     ref_base = ref_ptr + b * stride_ref_b + t * stride_ref_t
     offsets = tl.arange(0, BLOCK_V)
-    # Running maxima m, sums s of exp(z - m); w: the weighted sum of the mode's scores; near:
-    # sum of e_ref expm1(delta) and the largest delta (KL modes).
+    # Running maxima m, sums s of exp(z - m); w: the weighted sum of the mode's scores, times
+    # _SUM_SCALE; near: sum of e_ref expm1(delta) and the largest delta (KL modes).
     m = tl.full([], LOWEST, tl.float32)
     m_ref = tl.full([], LOWEST, tl.float32)
     s, s_ref, w, near = 0.0, 0.0, 0.0, 0.0
@@ -137,7 +144,7 @@ def _pair_forward_kernel(
         s = s * rescale + tl.sum(e, axis=0)
         s_ref = s_ref * rescale_ref + tl.sum(e_ref, axis=0)
         if MODE == SOFT_TARGET:
-            w = w * rescale_ref - tl.sum(e_ref * _floored(z), axis=0)
+            w = w * rescale_ref - tl.sum(e_ref * (_floored(z) * _SUM_SCALE), axis=0)
         elif MODE <= KL_REVERSE:
             delta = _floored(z) - _floored(z_ref)
             delta_max = tl.maximum(delta_max, tl.max(delta, axis=0))
@@ -147,9 +154,9 @@ def _pair_forward_kernel(
             term = tl.where(tl.abs(delta) < EXPM1_SERIES, e_ref * expm1_series(delta), far)
             near = near * rescale_ref + tl.sum(term, axis=0)
             if MODE == KL_FORWARD:
-                w = w * rescale + tl.sum(e * delta, axis=0)
+                w = w * rescale + tl.sum(e * (delta * _SUM_SCALE), axis=0)
             else:
-                w = w * rescale_ref + tl.sum(e_ref * delta, axis=0)
+                w = w * rescale_ref + tl.sum(e_ref * (delta * _SUM_SCALE), axis=0)
     lse = m + tl.log(s)
     lse_ref = m_ref + tl.log(s_ref)
     aux = lse_ref
@@ -159,11 +166,11 @@ def _pair_forward_kernel(
         is_near = (delta_max <= _NEAR) & (tl.abs(ratio) <= 0.5)
         aux = tl.where(is_near, log1p(ratio), lse - lse_ref)
     if MODE == KL_FORWARD:
-        value = w / s - aux
+        value = w / (s * _SUM_SCALE) - aux
     elif MODE == KL_REVERSE:
-        value = aux - w / s_ref
+        value = aux - w / (s_ref * _SUM_SCALE)
     elif MODE == SOFT_TARGET:
-        value = tl.where(target < vocab, w / s_ref + lse, float("nan"))
+        value = tl.where(target < vocab, w / (s_ref * _SUM_SCALE) + lse, float("nan"))
     else:
         value = 0.0
         for start in range(0, vocab, BLOCK_V):
