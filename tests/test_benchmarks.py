@@ -182,6 +182,58 @@ def test_bench_knows_every_implementation_it_measures():
         )
 
 
+# The rows added with the helper-target, KTO and FLAT losses: off by default, run by --losses.
+NEW_LOGIT_LOSSES = ("me", "ihl", "jsd", "whp", "rkld", "elm", "kto", "flat")
+
+
+@pytest.mark.parametrize("loss", bench.LOGIT_LOSSES + bench.LINEAR_LOSSES)
+def test_each_eager_baseline_computes_our_loss_and_gradient(loss):
+    # Float64 inputs: ours computes in float64, the eager code upcasts to float32 as research
+    # code does, so they agree to float32 rounding unless the baseline computes another loss.
+    batch = bench._batch(loss, 64, 8, 50, torch.float64, torch.device("cpu"))
+    if batch.logits is not None:  # a sequence whose labels are the top tokens (IHL's rival case)
+        batch.labels[0] = batch.logits[0].argmax(-1)
+    found = bench.providers(loss, torch.device("cpu"), compiled=False)
+    ours, eager = found["ours"](batch), found["eager"](batch)
+    assert eager.dtype == torch.float32 and ours.dtype == torch.float64
+    torch.testing.assert_close(eager.double(), ours, rtol=1e-5, atol=1e-8)
+    gradients = (torch.autograd.grad(eager, batch.inputs), torch.autograd.grad(ours, batch.inputs))
+    for mine, theirs in zip(*gradients, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-8)
+
+
+def test_the_error_check_compares_the_registrys_call_on_the_batch_slice():
+    batch = bench._batch("elm", 64, 8, 50, torch.float64, torch.device("cpu"))
+    check = bench._slice(batch)
+    assert check.logits.shape == (1, 8, 50) and not check.logits.requires_grad
+    # ELM's registry entry derives its prompted runs from the model's logits: the slice does so.
+    torch.testing.assert_close(check.positive_logits, check.logits, rtol=0, atol=0)
+    torch.testing.assert_close(check.negative_logits, 0.5 * check.logits, rtol=0, atol=0)
+    torch.testing.assert_close(check.ref_logits, batch.ref_logits[:1, :8], rtol=0, atol=0)
+    ours = bench.providers("elm", torch.device("cpu"), compiled=False)["ours"](check)
+    assert ours.item() == pytest.approx(bench.float64_value("elm", check), rel=1e-12)
+
+
+def test_the_new_logit_losses_run_only_when_asked_for(capsys, monkeypatch):
+    assert not set(NEW_LOGIT_LOSSES) & set(bench.DEFAULT_LOSSES)
+    # The header's 256 MiB copies are the command test's; here only the rows are measured.
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device, timer: 1.0)
+    monkeypatch.setattr(bench, "first_write_ms", lambda device, timer: (0.0, 0.0))
+    argv = ["--device=cpu", "--tokens=16", "--vocabs", "40", "--repeats=1", "--no-compile"]
+    settings = bench.check_arguments(
+        _bench_arguments([*argv, "--quiet", "--losses", *NEW_LOGIT_LOSSES])
+    )
+    records = bench.run(settings)
+    table = capsys.readouterr().out
+    for loss in NEW_LOGIT_LOSSES:
+        for name in ("ours", "eager"):
+            assert f"| {loss} | 40 | float32 | {name} |" in table
+    assert len(records) == 2 * len(NEW_LOGIT_LOSSES)
+    for r in records:
+        assert r["fwd+bwd_ms"] > 0 and not math.isnan(r["peak_extra_mib"]), r
+        assert r["error_vs_float64"] < 1e-5 and r["gb_per_s"] > 0, r
+
+
 def test_bench_refuses_an_unknown_device_naming_the_choices(capsys, no_measuring):
     err = _refused(["--device", "gpu"], capsys)
     assert "--device" in err and "'gpu'" in err and "auto, cpu, cuda" in err

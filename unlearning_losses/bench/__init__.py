@@ -1,9 +1,10 @@
 """``unlearning-losses bench``: the losses' microbenchmarks, on the device you have.
 
-For each loss (GA, NPO, KL, SimNPO, UNDIAL from logits; GA, NPO, KL from hidden states) and each
-implementation that can run here (ours; ours with ``inplace_backward`` for GA, NPO, KL and SimNPO;
-eager PyTorch as research code writes it; ``torch.compile`` of that; Liger-Kernel's and Cut
-Cross-Entropy's kernels and PyTorch's ``linear_cross_entropy`` where available), it measures
+For each loss (GA, NPO, KL, SimNPO, UNDIAL, ME, IHL, JSD, WHP, RKLD, ELM, KTO and FLAT from
+logits; GA, NPO, KL from hidden states) and each implementation that can run here (ours; ours with
+``inplace_backward`` for GA, NPO, KL and SimNPO; eager PyTorch as research code writes it;
+``torch.compile`` of that; Liger-Kernel's and Cut Cross-Entropy's kernels and PyTorch's
+``linear_cross_entropy`` where available), it measures
 forward, backward and forward+backward (median after a warm-up; CUDA events on a GPU), the achieved
 GB/s of the logits' traffic and its fraction of the measured copy bandwidth, the peak memory beyond
 the inputs, and the error against the float64 evaluation of the same loss on a slice of the batch.
@@ -34,7 +35,16 @@ from .._progress import progress
 from . import report, step
 from .arguments import DTYPES, at_least, device, machine, out_folder
 from .measure import Timer, copy_bandwidth, first_write_ms, peak_extra_bytes
-from .providers import LINEAR_LOSSES, LOGIT_LOSSES, Batch, float64_value, providers, traffic
+from .providers import (
+    HELPER_LOGITS,
+    LINEAR_LOSSES,
+    LOGIT_LOSSES,
+    Batch,
+    float64_value,
+    providers,
+    traffic,
+    with_registry_helpers,
+)
 
 DEFAULT_LOSSES = ("ga", "npo", "kl", "simnpo", "linear_ga")
 #: Defaults per device: about a minute on a GPU, a few minutes on two CPU cores.
@@ -220,27 +230,29 @@ def _batch(loss: str, tokens: int, hidden: int, vocab: int, dtype, device) -> Ba
             ref_hidden=ref,
         )
     logits = torch.randn(*shape, vocab, dtype=dtype, **kw).requires_grad_()
-    ref_logits = torch.randn(*shape, vocab, dtype=dtype, **kw) if loss in ("kl", "undial") else None
-    return Batch(labels, ref_logprobs, logits=logits, ref_logits=ref_logits)
+    helpers = {
+        name: torch.randn(*shape, vocab, dtype=dtype, **kw) for name in HELPER_LOGITS.get(loss, ())
+    }
+    template = None
+    if loss == "flat":  # the template answers as long as the forget answers
+        template = torch.randn(*shape, vocab, dtype=dtype, **kw).requires_grad_()
+    return Batch(labels, ref_logprobs, logits=logits, template_logits=template, **helpers)
 
 
 def _slice(batch: Batch) -> Batch:
-    """The first sequence's first rows: the batch for the error check."""
+    """The first sequence's first rows, with the helpers that the registry's float64 reference
+    derives from the logits: the batch for the error check."""
     rows = (slice(0, 1), slice(0, CHECK_ROWS))
 
-    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach()[rows].clone()
+    def cut(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or name == "weight":  # the head serves every row
+            return None if t is None else t.detach()
+        return t.detach()[rows].clone()
 
-    return dataclasses.replace(
-        batch,
-        labels=batch.labels[rows].clone(),
-        ref_logprobs=batch.ref_logprobs[rows].clone(),
-        logits=cut(batch.logits),
-        ref_logits=cut(batch.ref_logits),
-        hidden=cut(batch.hidden),
-        weight=None if batch.weight is None else batch.weight.detach(),
-        ref_hidden=cut(batch.ref_hidden),
-    )
+    cuts: dict[str, Any] = {
+        f.name: cut(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)
+    }
+    return with_registry_helpers(dataclasses.replace(batch, **cuts))
 
 
 def _private(batch: Batch) -> Batch:
