@@ -2,7 +2,7 @@
 
 For N tokens of hidden size H and vocabulary V (float32), each in a fresh process: ours
 (``linear_ga_loss``, ``linear_npo_loss`` with cached reference log-probs, ``linear_kl_divergence``
-against a reference's hidden states); the materialised path (``F.linear`` to the full logits, then
+against a reference's hidden states, ``linear_me_loss``); the materialised path (``F.linear`` to the full logits, then
 our logits loss); and for GA ``torch.nn.functional.linear_cross_entropy`` with and without its
 chunked options. Peak memory is the resident-set high-water mark of one call beyond the inputs.
 The head is trained (its float32 gradient counts in every row) or frozen, as under LoRA.
@@ -54,6 +54,11 @@ def providers(loss: str):
                 F.linear(h, w), y, ref_logprobs=r, shift=False
             ),
         }
+    if loss == "me":
+        return {
+            "ours": lambda h, w, y, r, q: ul.linear_me_loss(h, w, y, shift=False),
+            "materialised": lambda h, w, y, r, q: ul.me_loss(F.linear(h, w), y, shift=False),
+        }
     return {
         "ours": lambda h, w, y, r, q: ul.linear_kl_divergence(h, w, q, labels=y, shift=False),
         "materialised": lambda h, w, y, r, q: ul.kl_divergence(
@@ -97,7 +102,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
-    parser.add_argument("--losses", nargs="+", default=["ga", "npo", "kl"])
+    parser.add_argument("--losses", nargs="+", default=["ga", "npo", "kl", "me"])
     parser.add_argument("--heads", nargs="+", default=["trained", "frozen"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)

@@ -50,7 +50,7 @@ LOGIT_LOSSES = (
     "kto",
     "flat",
 )
-LINEAR_LOSSES = ("linear_ga", "linear_npo", "linear_kl")
+LINEAR_LOSSES = ("linear_ga", "linear_npo", "linear_kl", "linear_me")
 #: Each loss's entry in the registry, and the options the benchmark sets (the registry's call
 #: fills in the rest: NPO's sequence granularity, KL's forward direction, KTO's reference point,
 #: FLAT's total-variation divergence).
@@ -71,6 +71,7 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "linear_ga": ("linear_ga_loss", {}),
     "linear_npo": ("linear_npo_loss", {"beta": BETA}),
     "linear_kl": ("linear_kl_divergence", {}),
+    "linear_me": ("linear_me_loss", {}),
 }
 #: The frozen models' logits, each of the logits' shape, that a loss reads besides the model's.
 HELPER_LOGITS: dict[str, tuple[str, ...]] = {
@@ -363,6 +364,7 @@ _EAGER: dict[str, Loss] = {
     "linear_ga": lambda b: _float_logprobs(_logits_of(b), b.labels).mean(),
     "linear_npo": lambda b: _eager_npo(Batch(b.labels, b.ref_logprobs, logits=_logits_of(b))),
     "linear_kl": lambda b: _eager_kl(_logits_of(b), F.linear(b.ref_hidden, b.weight).detach()),
+    "linear_me": lambda b: _eager_me(Batch(b.labels, b.ref_logprobs, logits=_logits_of(b))),
 }
 
 

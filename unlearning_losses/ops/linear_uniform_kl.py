@@ -38,8 +38,13 @@ Head = tuple[Tensor, Tensor | None]
 
 def _chunk_values(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """KL(U || P) of each row of a chunk's mapped logits ``(nb, nt, V)``, with the row's
-    log-sum-exp and count of finite logits (what its gradient needs)."""
-    lse, count, total = uniform_kl_partials(z)
+    log-sum-exp and count of finite logits (what its gradient needs), block by block: the
+    partials' temporaries (the exponentials, the finite logits) stay block-sized."""
+    stats = torch.empty((3, z.numel() // z.shape[-1]), dtype=z.dtype, device=z.device)
+    for block, rows in _cache_blocks(z):
+        for row, partial in enumerate(uniform_kl_partials(block)):
+            stats[row, rows] = partial
+    lse, count, total = stats.view(3, *z.shape[:-1])
     return uniform_kl_value(lse, count, total), lse, count
 
 
