@@ -16,18 +16,25 @@ from torch import Tensor
 from .chunked import Scratch, row_chunks, row_groups, zero_ignored_rows_, zero_outside
 from .numerics import accumulation_dtype, floored_logprob
 from .vocab_numerics import (
+    JSD_FAR,
     JSD_STATS,
     STATS,
     VocabMode,
     hinge_coefficients,
     hinge_value,
-    jsd_log_ratios,
-    jsd_value,
+    jsd_mixture_terms,
+    jsd_model_log_ratio,
+    jsd_row_shift,
+    jsd_row_sum,
     uniform_kl_coefficients,
     uniform_kl_value,
 )
 
 # --- per chunk: partial statistics and gradients, shared with the vocabulary-parallel path ----
+
+#: The JSD statistics the backward reads, in ``jsd_model_gradient``'s order: both log-sum-exps,
+#: the shift, the centre and the centred row sum.
+JSD_GRADIENT_ROWS = (0, 1, 4, 5, 2)
 
 
 def uniform_kl_partials(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,31 +58,62 @@ def hinge_partials(x: Tensor, targets: Tensor, has_label: Tensor) -> tuple[Tenso
     return torch.logsumexp(x, -1), label, other, column.squeeze(-1)
 
 
-def jsd_log_probs(x: Tensor, lse: Tensor) -> Tensor:
-    """``log p = z - lse`` of a chunk, floored at the lowest finite value (a masked entry, or
-    logits spanning more than the dtype's range), so that log-ratios stay finite."""
-    return torch.sub(x, lse[..., None]).clamp_min_(torch.finfo(x.dtype).min)
+def jsd_difference(x: Tensor, ref: Tensor) -> Tensor:
+    """``z - z'``, both logits floored at the lowest finite value first (masked entries give
+    finite differences; NaN stays NaN): exact where the logits are close."""
+    floor = torch.finfo(x.dtype).min
+    return torch.clamp_min(x, floor).sub_(ref.clamp_min(floor))
+
+
+def jsd_centred(x: Tensor, ref: Tensor, lse: Tensor, ref_lse: Tensor) -> Tensor:
+    """``a = (z - z') - (lse - lse')`` of a chunk (``vocab_numerics.jsd_row_shift``): ``log p -
+    log q`` up to the row's shift, from the logits' :func:`jsd_difference`."""
+    return jsd_difference(x, ref).sub_((lse - ref_lse)[..., None])
+
+
+def jsd_probs(x: Tensor, lse: Tensor) -> Tensor:
+    """The probabilities ``exp(z - lse)`` of a chunk (0 at ``-inf`` logits)."""
+    return torch.sub(x, lse[..., None]).exp_()
+
+
+def jsd_shift_terms(centred: Tensor, ref_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk's ``sum_v q_v expm1(a_v)`` (``expm1`` clamped at ``JSD_FAR``) and its largest
+    ``a_v``, from which ``vocab_numerics.jsd_row_shift`` makes the row's shift."""
+    ratio = torch.linalg.vecdot(ref_probs, centred.clamp(max=JSD_FAR).expm1_())
+    return ratio, centred.amax(-1)
 
 
 def jsd_partials(
-    x: Tensor, ref: Tensor, lse: Tensor, ref_lse: Tensor, beta: float
-) -> tuple[Tensor, Tensor]:
-    """A chunk's ``sum_v p_v log(m_v / p_v)`` and ``sum_v q_v log(m_v / q_v)`` (minus the two
-    KLs to the mixture) given the rows' log-sum-exps."""
-    logp, logq = jsd_log_probs(x, lse), jsd_log_probs(ref, ref_lse)
-    over_p, over_q = jsd_log_ratios(logq - logp, beta)
-    return torch.linalg.vecdot(logp.exp_(), over_p), torch.linalg.vecdot(logq.exp_(), over_q)
+    centred: Tensor,
+    probs: Tensor,
+    ref_probs: Tensor,
+    shift: Tensor,
+    beta: float,
+    centre: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A chunk's ``sum_v p_v log(m_v / p_v)``, ``sum_v p_v (log(m_v / p_v) - c)``, its part of
+    the divergence and the centre ``c`` (``vocab_numerics.jsd_row_sum``), from its centred
+    differences and the rows' shifts. ``centre``: ``c`` where known (the vocabulary-parallel
+    path's); otherwise ``log(m / p)`` at a column of the row's largest probability."""
+    over_p, terms = jsd_mixture_terms(shift[..., None] - centred, probs, ref_probs, beta)
+    if centre is None:
+        centre = over_p.gather(-1, probs.argmax(-1, keepdim=True)).squeeze(-1)
+    plain = torch.linalg.vecdot(probs, over_p)
+    centred_sum = torch.linalg.vecdot(probs, over_p.sub_(centre[..., None]))
+    return plain, centred_sum, terms.sum(-1), centre
 
 
 def jsd_model_gradient(
-    x: Tensor, ref: Tensor, lse: Tensor, ref_lse: Tensor, over_p_sum: Tensor, beta: float
+    x: Tensor, ref: Tensor, row_stats: tuple[Tensor, ...], beta: float
 ) -> Tensor:
     """``p_j (log(p_j / m_j) - KL(P || M))`` of a chunk, the JSD's gradient over ``beta``
-    (``d JSD / d p_v = beta log(p_v / m_v)``, through the softmax), from the row sum
-    ``over_p_sum = sum_v p_v log(m_v / p_v) = -KL(P || M)``; exactly 0 where P = Q."""
-    logp, logq = jsd_log_probs(x, lse), jsd_log_probs(ref, ref_lse)
-    over_p, _ = jsd_log_ratios(logq - logp, beta)
-    return over_p.neg_().add_(over_p_sum[..., None]).mul_(logp.exp_())
+    (``d JSD / d p_v = beta log(p_v / m_v)``, through the softmax), as ``p_j (S - (log(m_j /
+    p_j) - c))`` from the rows' ``lse``, ``lse'``, shift, centre ``c`` and ``S = sum_v p_v
+    (log(m_v / p_v) - c)`` (``vocab_numerics.jsd_model_log_ratio``); exactly 0 where P = Q."""
+    lse, ref_lse, shift, centre, centred_sum = row_stats
+    log_ratio = jsd_centred(x, ref, lse, ref_lse).neg_().add_(shift[..., None])
+    inner = jsd_model_log_ratio(log_ratio, beta).sub_(centre[..., None])
+    return inner.neg_().add_(centred_sum[..., None]).mul_(jsd_probs(x, lse))
 
 
 def uniform_kl_gradient(x: Tensor, lse: Tensor, on_probs: Tensor, on_finite: Tensor) -> Tensor:
@@ -177,17 +215,23 @@ def jsd_forward(
     logits: Tensor, ref_logits: Tensor, valid: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
     """Per-token generalised JSD over rows ``[:, :L]`` (0 where not valid) and the per-row
-    statistics ``(JSD_STATS, B, L)``: both log-sum-exps, ``sum_v p_v log(m_v / p_v)`` and
-    ``sum_v q_v log(m_v / q_v)``."""
+    statistics ``(JSD_STATS, B, L)`` of ``vocab_numerics.JSD_STATS``."""
     acc = accumulation_dtype(logits.dtype)
     stats = torch.zeros((JSD_STATS, *valid.shape), dtype=acc, device=logits.device)
     upcast, ref_upcast = Scratch(logits, acc), Scratch(logits, acc)
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
         x, ref = upcast.upcast(logits[b, t]), ref_upcast.upcast(ref_logits[b, t])
         lse, ref_lse = torch.logsumexp(x, -1), torch.logsumexp(ref, -1)
-        stats[0, b, t], stats[1, b, t] = lse, ref_lse
-        stats[2, b, t], stats[3, b, t] = jsd_partials(x, ref, lse, ref_lse, beta)
-    return torch.where(valid, jsd_value(stats[2], stats[3], beta), 0.0), stats
+        centred = jsd_centred(x, ref, lse, ref_lse)
+        probs, ref_probs = jsd_probs(x, lse), jsd_probs(ref, ref_lse)
+        shift = jsd_row_shift(*jsd_shift_terms(centred, ref_probs))
+        stats[0, b, t], stats[1, b, t], stats[4, b, t] = lse, ref_lse, shift
+        plain, centred_sum, divergence, centre = jsd_partials(
+            centred, probs, ref_probs, shift, beta
+        )
+        stats[2, b, t], stats[5, b, t] = jsd_row_sum(plain, centred_sum, centre)
+        stats[3, b, t] = divergence
+    return torch.where(valid, stats[3], 0.0), stats
 
 
 def jsd_backward(
@@ -207,7 +251,7 @@ def jsd_backward(
     upcast, ref_upcast = Scratch(logits, stats.dtype), Scratch(logits, stats.dtype)
     for b, t in row_chunks(groups, logits.shape[-1]):
         x, ref = upcast.upcast(logits[b, t]), ref_upcast.upcast(ref_logits[b, t])
-        row_stats = stats[0, b, t], stats[1, b, t], stats[2, b, t]
-        inner = jsd_model_gradient(x, ref, *row_stats, beta)
+        row_stats = tuple(stats[k, b, t] for k in JSD_GRADIENT_ROWS)
+        inner = jsd_model_gradient(x, ref, row_stats, beta)
         zero_ignored_rows_(inner, valid[b, t])
         torch.mul(inner, scale[b, t, None], out=grad[b, t])

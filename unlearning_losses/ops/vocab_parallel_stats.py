@@ -4,8 +4,9 @@ Each rank of the group holds a contiguous slice of the columns, of any width (se
 ``vocab_parallel``). A row's statistics are joined with two ``all_reduce`` calls: a ``MAX`` of the
 local log-sum-exps, with the inverted hinge's largest other logit, and a ``SUM`` of the rescaled
 partial sums of exponentials, with ME's count and sum of finite logits and the label's logit. The
-inverted hinge takes its runner-up's column (the first on ties) with a ``MIN``; the JSD needs one
-more ``SUM`` for its terms once both global log-sum-exps are known. Each backward is local, from
+inverted hinge takes its runner-up's column (the first on ties) with a ``MIN``; the JSD joins its
+shift's terms and the reference's logit at the largest logit in those two (``_joined_shift``), and
+needs one more ``SUM`` for its row sums once the shift is known. Each backward is local, from
 the global per-row statistics the forward saves. The per-chunk computations are
 ``chunked_stats``'s.
 """
@@ -23,21 +24,28 @@ from ..sharding import VocabShard
 from .autocast import without_autocast
 from .chunked import row_chunks, row_groups, zero_ignored_rows_, zero_outside
 from .chunked_stats import (
+    JSD_GRADIENT_ROWS,
     hinge_partials,
     hinge_probs_term,
+    jsd_centred,
+    jsd_difference,
     jsd_model_gradient,
     jsd_partials,
+    jsd_probs,
+    jsd_shift_terms,
     uniform_kl_gradient,
     uniform_kl_partials,
     vocab_coefficients,
 )
 from .numerics import accumulation_dtype, floored_logprob
 from .vocab_numerics import (
+    JSD_FAR,
     JSD_STATS,
     STATS,
     VocabMode,
     hinge_value,
-    jsd_value,
+    jsd_model_log_ratio,
+    jsd_row_sum,
     uniform_kl_value,
 )
 
@@ -175,18 +183,44 @@ class VocabParallelJSD(torch.autograd.Function):
         acc = accumulation_dtype(logits.dtype)
         local_vocab = logits.shape[-1]
         groups = row_groups(valid, local_vocab)
-        local_lse = torch.full((2, *valid.shape), float("-inf"), dtype=acc, device=logits.device)
-        for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
-            local_lse[0, b, t] = torch.logsumexp(logits[b, t].to(acc), -1)
-            local_lse[1, b, t] = torch.logsumexp(ref_logits[b, t].to(acc), -1)
-        lse, _, _ = _joined(local_lse, group)
-        stats = torch.zeros((JSD_STATS, *valid.shape), dtype=acc, device=logits.device)
-        stats[:2] = lse
+        # Per rank: both log-sum-exps, the shift's ratio and largest centred difference in the
+        # rank's own frame, the largest logit and the reference's logit at it.
+        local = torch.zeros((6, *valid.shape), dtype=acc, device=logits.device)
+        local[[0, 1, 3, 4]] = float("-inf")
         for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
             x, ref = logits[b, t].to(acc), ref_logits[b, t].to(acc)
-            stats[2, b, t], stats[3, b, t] = jsd_partials(x, ref, lse[0, b, t], lse[1, b, t], beta)
-        dist.all_reduce(stats[2:], op=dist.ReduceOp.SUM, group=group)
-        out = torch.where(valid, jsd_value(stats[2], stats[3], beta), 0.0)
+            lse, ref_lse = torch.logsumexp(x, -1), torch.logsumexp(ref, -1)
+            ratio, largest = jsd_shift_terms(
+                jsd_centred(x, ref, lse, ref_lse), jsd_probs(ref, ref_lse)
+            )
+            top, column = x.max(-1, keepdim=True)
+            local[:, b, t] = torch.stack(
+                [lse, ref_lse, ratio, largest, top.squeeze(-1), ref.gather(-1, column).squeeze(-1)]
+            )
+        joined = _joined_shift(local, group)
+        lse, ref_lse, shift, top, top_ref, held = joined
+        offset = lse - ref_lse
+        # log(m / p) at the largest logit, as its rank forms it there (one rank must hold it).
+        top_log_ratio = shift - (jsd_difference(top, top_ref) - offset)
+        centre = torch.where(held, jsd_model_log_ratio(top_log_ratio, beta), 0.0)
+        sums = torch.zeros((3, *valid.shape), dtype=acc, device=logits.device)
+        for b, t in row_chunks(groups, local_vocab) if local_vocab else ():
+            x, ref = logits[b, t].to(acc), ref_logits[b, t].to(acc)
+            row = lse[b, t], ref_lse[b, t]
+            plain, centred, divergence, _ = jsd_partials(
+                jsd_centred(x, ref, *row),
+                jsd_probs(x, row[0]),
+                jsd_probs(ref, row[1]),
+                shift[b, t],
+                beta,
+                centre[b, t],
+            )
+            sums[:, b, t] = torch.stack([plain, centred, divergence])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        stats = torch.zeros((JSD_STATS, *valid.shape), dtype=acc, device=logits.device)
+        stats[0], stats[1], stats[3], stats[4] = lse, ref_lse, sums[2], shift
+        stats[2], stats[5] = jsd_row_sum(sums[0], sums[1], centre)
+        out = torch.where(valid, stats[3], 0.0)
         ctx.save_for_backward(logits, ref_logits, valid, stats)
         ctx.groups, ctx.beta = groups, beta
         return out
@@ -201,8 +235,51 @@ class VocabParallelJSD(torch.autograd.Function):
         scale = torch.where(valid, grad_out.to(stats.dtype), 0.0) * ctx.beta
         for b, t in row_chunks(ctx.groups, logits.shape[-1]) if logits.shape[-1] else ():
             x, ref = logits[b, t].to(stats.dtype), ref_logits[b, t].to(stats.dtype)
-            row_stats = stats[0, b, t], stats[1, b, t], stats[2, b, t]
-            inner = jsd_model_gradient(x, ref, *row_stats, ctx.beta)
+            row_stats = tuple(stats[k, b, t] for k in JSD_GRADIENT_ROWS)
+            inner = jsd_model_gradient(x, ref, row_stats, ctx.beta)
             zero_ignored_rows_(inner, valid[b, t])
             grad[b, t] = inner.mul_(scale[b, t, None])
         return grad, None, None, None, None
+
+
+def _joined_shift(local: Tensor, group: object) -> tuple[Tensor, ...]:
+    """The global log-sum-exps, shift (``vocab_numerics.jsd_row_shift``), largest logit, the
+    reference's logit at it and whether a single rank holds that logit (else no centre: ties
+    across ranks), from each rank's ``local`` rows (``VocabParallelJSD.forward``), in two
+    ``all_reduce`` calls.
+
+    Each rank's ratio ``r = sum_v q_v expm1(a_v)`` is centred on its own log-sum-exps, ``D_r =
+    lse_r - lse'_r``; it joins the others' centred on ``D = max_r lse_r - max_r lse'_r`` as
+    ``w_r (e^(D_r - D)(1 + r) - 1) = P_r r + w_r expm1(D_r - D)`` with the rescaled sums of
+    exponentials ``P_r = e^(lse_r - max lse)``, ``w_r = e^(lse'_r - max lse')`` (``P_r (1 + r) -
+    w_r`` where ``D_r`` is far from ``D``: no cancellation there). The shift in that frame,
+    ``log1p(sum / sum_r w_r)``, moves to the global log-sum-exps' frame by adding ``D - (lse -
+    lse')``. A rank that clamped its ``expm1`` makes the row far (shift 0).
+    """
+    lse, ref_lse, ratio, largest, top, top_ref = local
+    both = torch.isfinite(lse) & torch.isfinite(ref_lse)
+    # A rank without both distributions' mass in a row adds nothing to its shift.
+    ratio = torch.where(both, ratio, 0.0)
+    maxima = torch.stack([lse, ref_lse, torch.where(both, largest, float("-inf")), top])
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    highest = torch.where(torch.isfinite(maxima[:2]), maxima[:2], 0.0)
+    weight, ref_weight = torch.exp(lse - highest[0]), torch.exp(ref_lse - highest[1])
+    gap = torch.where(both, (lse - ref_lse) - (highest[0] - highest[1]), 0.0)
+    close = both & (gap.abs() < 0.5)
+    term = torch.where(
+        close,
+        weight * ratio + ref_weight * torch.expm1(gap),
+        weight * (1.0 + ratio) - ref_weight,
+    )
+    holds = (top == maxima[3]) & (top > float("-inf"))
+    sums = torch.stack(
+        [weight, ref_weight, term, torch.where(holds, top_ref, 0.0), holds.to(lse.dtype)]
+    )
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    global_lse = highest[0] + torch.log(sums[0])
+    global_ref_lse = highest[1] + torch.log(sums[1])
+    frame_shift = torch.log1p(sums[2] / sums[1])
+    shift = frame_shift + ((highest[0] - highest[1]) - (global_lse - global_ref_lse))
+    shift = torch.where(maxima[2] > JSD_FAR, 0.0, shift)
+    held = sums[4] == 1
+    return global_lse, global_ref_lse, shift, maxima[3], sums[3], held
