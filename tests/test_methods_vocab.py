@@ -221,6 +221,26 @@ def test_jsd_stays_finite_where_the_mixture_underflows(backend):
     assert direct.isnan().any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["logits", "ref_logits"])
+def test_jsd_of_a_nan_logit_at_a_scored_row_is_nan_there_only(side, backend):
+    """NaN in, NaN out: a clamp that drops NaN (a max at the lowest finite value) would read the
+    row's log-probabilities as 0 probability, a finite wrong value with a zero gradient."""
+    g = torch.Generator().manual_seed(2)
+    inputs = {
+        "logits": torch.randn(1, 4, 9, generator=g),
+        "ref_logits": torch.randn(1, 4, 9, generator=g),
+    }
+    inputs[side][0, 1, 4] = float("nan")
+    x = inputs["logits"].to(DEVICE).requires_grad_()
+    labels = torch.tensor([[-100, 2, 5, 1]], device=DEVICE)
+    ref_logits = inputs["ref_logits"].to(DEVICE)
+    per_token = jsd_loss(x, labels, ref_logits=ref_logits, reduction="none", backend=backend)
+    per_token.sum().backward()
+    assert torch.isnan(per_token[0, 1]) and torch.isnan(x.grad[0, 1]).all()
+    assert torch.isfinite(per_token[0, 2]) and torch.isfinite(x.grad[0, 2]).all()
+
+
 @given(batches(dtypes=[torch.float64], masked_vocab=False), st.sampled_from([0.5, 0.2, 0.9]))
 def test_jsd_to_a_one_hot_reference_equals_jsd_to_the_label(case, beta):
     """The two paths agree: the pair kernel's mixture against reference logits whose softmax

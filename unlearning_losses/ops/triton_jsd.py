@@ -89,7 +89,7 @@ def _mixture_side(log_ratio, weight):
     """``expm1(d)`` (``d`` clamped at ``FAR``), ``x = weight expm1(d)`` and ``log1p(x)``
     (``vocab_numerics._mixture_side``): ``log(m / p)`` for ``d = log q - log p`` and Q's
     weight. The forward and the backward form it alike, bit for bit."""
-    expm1_d = expm1(tl.minimum(log_ratio, FAR))
+    expm1_d = expm1(tl.minimum(log_ratio, FAR, propagate_nan=tl.PropagateNan.ALL))
     ratio = weight * expm1_d
     return expm1_d, ratio, log1p(ratio)
 
@@ -177,8 +177,8 @@ def _jsd_forward_kernel(
     plain, centred, divergence = 0.0, 0.0, 0.0
     for start in range(0, vocab, BLOCK_V):
         z, z_ref = _load_rows(base, ref_base, start + offsets, vocab, stride_logits_v, stride_ref_v)
-        p = tl.exp(tl.maximum(z - lse, LOWEST))
-        q = tl.exp(tl.maximum(z_ref - ref_lse, LOWEST))
+        p = tl.exp(tl.maximum(z - lse, LOWEST, propagate_nan=tl.PropagateNan.ALL))
+        q = tl.exp(tl.maximum(z_ref - ref_lse, LOWEST, propagate_nan=tl.PropagateNan.ALL))
         d = _log_ratio(z, z_ref, offset, shift)  # log q - log p
         expm1_d, ratio_p, over_p = _mixture_side(d, 1.0 - beta)
         # expm1(-d) = -expm1(d) / e^d where d is not far below 0; beyond, p / q - 1 from the
@@ -187,7 +187,13 @@ def _jsd_forward_kernel(
         expm1_neg = tl.where(
             d > FROM_PROBS,
             -expm1_d / (1.0 + expm1_d),
-            tl.where(q > 0, tl.minimum((p - q) / tl.where(q > 0, q, 1.0), EXPM1_FAR), EXPM1_FAR),
+            tl.where(
+                q > 0,
+                tl.minimum(
+                    (p - q) / tl.where(q > 0, q, 1.0), EXPM1_FAR, propagate_nan=tl.PropagateNan.ALL
+                ),
+                EXPM1_FAR,
+            ),
         )
         ratio_q = beta * expm1_neg
         over_q = log1p(ratio_q)
@@ -249,7 +255,11 @@ def _jsd_backward_kernel(
         if valid:
             z, z_ref = _load_rows(base, ref_base, columns, vocab, stride_logits_v, stride_ref_v)
             over_p = _mixture_side(_log_ratio(z, z_ref, offset, shift), 1.0 - beta)[2]
-            grad = tl.exp(tl.maximum(z - lse, LOWEST)) * (row_sum - (over_p - centre)) * scale
+            grad = (
+                tl.exp(tl.maximum(z - lse, LOWEST, propagate_nan=tl.PropagateNan.ALL))
+                * (row_sum - (over_p - centre))
+                * scale
+            )
         else:
             grad = tl.zeros([BLOCK_V], tl.float32)
         tl.store(
