@@ -58,8 +58,10 @@ def jsd_loss(
     Gradient w.r.t. the logits: $\beta\,p_j\big(\log(p_j / m_j) - \mathrm{KL}(P \,\|\,
     M)\big)$. The mixture's logarithm is never taken (its probabilities may underflow where the
     model's and the target's do not: the NaN of Liger-Kernel's issue 769); with
-    $d = \log q - \log p$, $\log(m / p) = \log(\beta + (1 - \beta) e^d)$ is formed with ``expm1``
-    and ``log1p`` of $-|d|$, finite for any $d$ and exactly 0 at $d = 0$. Against a one-hot
+    $d = \log q - \log p$, $\log(m / p) = \log(\beta + (1 - \beta) e^d)$ is formed as
+    ``log1p((1 - beta) * expm1(d))``, finite for any $d$ and exactly 0 at $d = 0$, with $d$
+    centred on the logits and the divergence summed in second-order terms, so that nothing
+    cancels near the reference (``docs/losses.md`` has the details). Against a one-hot
     target the value depends on $p_y$ alone,
     $-\beta (1 - p_y) \log \beta + \beta p_y \log p_y - m_y \log m_y$ with
     $m_y = 1 - \beta (1 - p_y)$, and runs on the label log-probability primitive.
