@@ -564,3 +564,26 @@ def test_me_over_a_masked_vocabulary_is_uniform_over_the_kept_columns(reduction)
     # The same loss with the masked columns dropped from the head.
     dropped = _run(lambda h, W, b: fused(h, W[kept], b[kept]), h, W, b, None, False)
     torch.testing.assert_close(got[0], dropped[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 1e3, 1e4])
+def test_linear_me_value_keeps_float32_rounding_at_any_logit_offset(offset):
+    """A bias of ``offset`` (one column masked) under near-uniform logits, KL about 5e-5: per
+    token and summed, within 4 float32 units of ``eps log V'`` of float64 math on the same
+    float32 logits, never negative. The log-sum-exp less the mean logit, each rounded at the
+    offset's scale, went negative at 1e4."""
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 4, 8, generator=g)
+    weight = 0.004 * torch.randn(32000, 8, generator=g)
+    bias = torch.full((32000,), offset)
+    bias[7] = float("-inf")
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    logits = F.linear(h[:, :-1], weight, bias).double()
+    kept = logits[..., torch.arange(32000) != 7]
+    expected = -math.log(31999) - (kept - kept.logsumexp(-1, keepdim=True)).mean(-1)
+    tolerance = 4 * torch.finfo(torch.float32).eps * math.log(31999)
+    value = ul.linear_me_loss(h, weight, labels, bias=bias, reduction="none", chunk_rows=4)
+    assert (value.double() - expected).abs().max() <= tolerance
+    assert (value >= 0).all()
+    total = ul.linear_me_loss(h, weight, labels, bias=bias, reduction="sum", chunk_rows=4)
+    assert (total.double() - expected.sum()).abs() <= expected.numel() * tolerance

@@ -148,6 +148,56 @@ def test_me_of_a_masked_vocabulary_is_me_of_the_columns_left(backend):
     assert (grad[..., ~kept] == 0).all()
 
 
+def _float64_me_per_token(logits: torch.Tensor) -> torch.Tensor:
+    """KL(U || P) per row in float64, U uniform over the row's finite logits."""
+    z = logits.double()
+    finite = z > -math.inf
+    count = finite.sum(-1)
+    logp = torch.where(finite, z.log_softmax(-1), 0.0)
+    return -torch.log(count.double()) - logp.sum(-1) / count
+
+
+def _assert_me_keeps_float32_rounding(value: torch.Tensor, expected: torch.Tensor, vocab: int):
+    """Within 4 float32 units of ``eps log V`` of the float64 value, and never negative."""
+    error = (value.double() - expected.to(value.device)).abs().max().item()
+    assert error <= 4 * torch.finfo(torch.float32).eps * math.log(vocab)
+    assert (value >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [50, 32000])
+@pytest.mark.parametrize("offset", [0.0, 30.0, 1e3, 1e4])
+def test_me_value_keeps_float32_rounding_at_any_logit_offset(offset, vocab, backend, monkeypatch):
+    """Near-uniform float32 rows ``offset + 0.01 N(0, 1)``, KL about 5e-5: the value is formed
+    about the row's largest logit, so an offset costs no precision. The log-sum-exp less the
+    mean logit, each rounded at the offset's scale, was 2000 units off at 1e4 (V = 50) and
+    negative (V = 32000)."""
+    if vocab > 2048:  # 16 tiles, each joined to the running partials (2000 take minutes here)
+        monkeypatch.setattr(_triton_common, "MAX_BLOCK_V", 2048)
+    g = torch.Generator().manual_seed(vocab)
+    logits = (offset + 0.01 * torch.randn(2, 3, vocab, generator=g)).to(DEVICE)
+    labels = torch.tensor([[-100, 1, 2], [3, 4, 5]], device=DEVICE)
+    value = me_loss(logits, labels, reduction="none", backend=backend)
+    _assert_me_keeps_float32_rounding(value, _float64_me_per_token(logits[:, :-1].cpu()), vocab)
+
+
+def _check_me_at_an_offset_across_ranks(rank: int) -> None:
+    """V = 50 split 30 + 20, rows near-uniform about 1e4, -1e4 and 30; at one row rank 1 holds
+    only masked columns (its partials, 0, must stay 0 when moved to the centre -1e4)."""
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([1e4, -1e4, 30.0])[:, None, None]
+    logits = offsets + 0.01 * torch.randn(3, 5, 50, generator=g)
+    logits[1, 2, 30:] = float("-inf")
+    labels = torch.zeros(3, 5, dtype=torch.long)
+    columns = slice(0, 30) if rank == 0 else slice(30, 50)
+    value = me_loss(logits[..., columns], labels, reduction="none", vocab_group=dist.group.WORLD)
+    _assert_me_keeps_float32_rounding(value, _float64_me_per_token(logits[:, :-1]), 50)
+
+
+def test_vocabulary_parallel_me_keeps_float32_rounding_at_any_logit_offset(tmp_path):
+    run_on_ranks(_check_me_at_an_offset_across_ranks, 2, tmp_path)
+
+
 # --- IHL ----------------------------------------------------------------------------------------
 
 

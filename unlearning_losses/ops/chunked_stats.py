@@ -26,8 +26,9 @@ from .vocab_numerics import (
     jsd_model_log_ratio,
     jsd_row_shift,
     jsd_row_sum,
+    uniform_kl_centre,
     uniform_kl_coefficients,
-    uniform_kl_value,
+    uniform_kl_stats,
 )
 
 # --- per chunk: partial statistics and gradients, shared with the vocabulary-parallel path ----
@@ -37,12 +38,17 @@ from .vocab_numerics import (
 JSD_GRADIENT_ROWS = (0, 1, 4, 5, 2)
 
 
-def uniform_kl_partials(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A chunk's log-sum-exps, counts of finite logits and sums of them (``-inf`` entries, a
-    masked vocabulary, lie outside the uniform distribution's support; NaN and ``+inf`` count
-    and poison the sum)."""
+def uniform_kl_partials(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ME's partials of a chunk's rows (``vocab_numerics.uniform_kl_recentred``): the largest
+    logit, and about its centre ``m``, ``sum_v e^{z_v - m}``, the count of finite logits and the
+    sum of their differences from ``m``. ``-inf`` entries (a masked vocabulary) lie outside the
+    uniform distribution's support; NaN and ``+inf`` count and poison the sums."""
+    largest = x.amax(-1)
     finite = x != float("-inf")
-    return torch.logsumexp(x, -1), finite.sum(-1).to(x.dtype), x.masked_fill(~finite, 0.0).sum(-1)
+    shifted = torch.sub(x, uniform_kl_centre(largest)[..., None])
+    centred_sum = torch.where(finite, shifted, 0.0).sum(-1)
+    exp_sum = shifted.exp_().sum(-1)
+    return largest, exp_sum, finite.sum(-1).to(x.dtype), centred_sum
 
 
 def hinge_partials(x: Tensor, targets: Tensor, has_label: Tensor) -> tuple[Tensor, ...]:
@@ -145,7 +151,8 @@ def vocab_forward(
     for b, t in row_chunks(row_groups(valid, logits.shape[-1]), logits.shape[-1]):
         x = upcast.upcast(logits[b, t])
         if mode == VocabMode.UNIFORM_KL:
-            for row, value in enumerate(uniform_kl_partials(x)):
+            # Whole rows: their partials make the statistics at once.
+            for row, value in enumerate(uniform_kl_stats(*uniform_kl_partials(x))):
                 stats[row, b, t] = value
             continue
         has_label = torch.ones_like(valid[b, t])
@@ -153,7 +160,7 @@ def vocab_forward(
         stats[0, b, t], stats[1, b, t], stats[2, b, t] = lse, label, other
         index[b, t] = torch.where(other == float("-inf"), -1, column)
     if mode == VocabMode.UNIFORM_KL:
-        value = uniform_kl_value(*stats)
+        value = stats[2]
     else:
         lse = stats[0]
         stats[1] = floored_logprob(stats[1] - lse, lse)

@@ -2,10 +2,11 @@
 logits never materialised (the fused-linear ME loss).
 
 Rows are chunked as for the KL of ``linear``: each row's value needs its whole softmax (its
-log-sum-exp, its count of finite logits and their sum, ``chunked_stats.uniform_kl_partials``), and
-its gradient with respect to the logits is ``p - 1/V'`` at the finite columns. The per-token
-function recomputes each chunk in the backward; the scalar one knows every token's coefficient in
-the forward pass and forms the gradients there, as ``LinearTokenSum`` does.
+log-sum-exp, its count of finite logits and their differences from its largest logit,
+``chunked_stats.uniform_kl_partials``), and its gradient with respect to the logits is
+``p - 1/V'`` at the finite columns. The per-token function recomputes each chunk in the
+backward; the scalar one knows every token's coefficient in the forward pass and forms the
+gradients there, as ``LinearTokenSum`` does.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .linear import (
 )
 from .logit_map import LogitMap
 from .numerics import accumulation_dtype
-from .vocab_numerics import uniform_kl_coefficients, uniform_kl_value
+from .vocab_numerics import STATS, uniform_kl_coefficients, uniform_kl_stats
 
 Head = tuple[Tensor, Tensor | None]
 
@@ -39,13 +40,14 @@ Head = tuple[Tensor, Tensor | None]
 def _chunk_values(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """KL(U || P) of each row of a chunk's mapped logits ``(nb, nt, V)``, with the row's
     log-sum-exp and count of finite logits (what its gradient needs), block by block: the
-    partials' temporaries (the exponentials, the finite logits) stay block-sized."""
-    stats = torch.empty((3, z.numel() // z.shape[-1]), dtype=z.dtype, device=z.device)
+    partials' temporaries (the centred logits, their exponentials) stay block-sized. A block
+    holds whole rows, so its partials make the rows' statistics at once."""
+    stats = torch.empty((STATS, z.numel() // z.shape[-1]), dtype=z.dtype, device=z.device)
     for block, rows in _cache_blocks(z):
-        for row, partial in enumerate(uniform_kl_partials(block)):
-            stats[row, rows] = partial
-    lse, count, total = stats.view(3, *z.shape[:-1])
-    return uniform_kl_value(lse, count, total), lse, count
+        for row, value in enumerate(uniform_kl_stats(*uniform_kl_partials(block))):
+            stats[row, rows] = value
+    lse, count, value = stats.view(STATS, *z.shape[:-1])
+    return value, lse, count
 
 
 def _chunk_gradient_(

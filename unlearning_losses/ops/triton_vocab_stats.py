@@ -4,14 +4,15 @@
 One program per row ``(b, t)`` of ``logits[:, :L]`` (strided, int64 offsets, so the causal-LM
 shift is a view). The forward is the log-prob forward's single pass over the vocabulary with its
 online log-sum-exp (one exponential per logit), carrying one more reduction per row in the same
-pass: ``UNIFORM_KL`` the count and the sum of the finite logits (the mean log-probability is their
-mean less the log-sum-exp), ``INVERTED_HINGE`` the largest logit other than the label's with its
-column (the first on ties: a tile's leftmost maximum, replaced only by a strictly larger one); the
-label's logit is read once at the end. The per-row values and gradient coefficients are formed by
-the launchers with ``vocab_numerics``. The backward recomputes ``p = exp(z - lse)`` in one pass and
-stores the gradient in the logits' dtype (tile by tile after reading it: the buffer may be the
-logits'). Rows that do not count get 0 and a zero gradient; a label >= V is never read and gives
-NaN (the inverted hinge).
+pass: ``UNIFORM_KL`` the count of the finite logits and the sum of their differences from the
+running maximum, moved with it as the sum of exponentials is (the partials of
+``vocab_numerics.uniform_kl_recentred``), ``INVERTED_HINGE`` the largest logit other than the
+label's with its column (the first on ties: a tile's leftmost maximum, replaced only by a
+strictly larger one); the label's logit is read once at the end. The per-row values and gradient
+coefficients are formed by the launchers with ``vocab_numerics``. The backward recomputes
+``p = exp(z - lse)`` in one pass and stores the gradient in the logits' dtype (tile by tile after
+reading it: the buffer may be the logits'). Rows that do not count get 0 and a zero gradient; a
+label >= V is never read and gives NaN (the inverted hinge).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 from ._triton_common import LOWEST, block_size, launch_rows, online_lse_step, row_targets
 from .chunked_stats import vocab_coefficients
 from .numerics import accumulation_dtype, floored_logprob
-from .vocab_numerics import KERNEL_VOCAB_MODES, STATS, VocabMode, hinge_value, uniform_kl_value
+from .vocab_numerics import KERNEL_VOCAB_MODES, STATS, VocabMode, hinge_value, uniform_kl_stats
 
 # The kernels' ``MODE`` values by name.
 UNIFORM_KL = tl.constexpr(KERNEL_VOCAB_MODES[VocabMode.UNIFORM_KL])
@@ -49,12 +50,15 @@ def _vocab_stats_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     b, t = row // length, row % length
     target = tl.load(targets_ptr + row)
-    # stats (STATS, rows): the log-sum-exp, then ME's count and sum of finite logits, or the
-    # inverted hinge's label logit and largest other logit.
+    # stats (STATS, rows): the log-sum-exp, then the inverted hinge's label logit and largest
+    # other logit; or ME's partials (4, rows): the largest logit, and about it the sum of
+    # exponentials, the count of finite logits and the sum of their differences from it.
     if target < 0:
         tl.store(stats_ptr + row, 0.0)
         tl.store(stats_ptr + rows + row, 0.0)
         tl.store(stats_ptr + 2 * rows + row, 0.0)
+        if MODE == UNIFORM_KL:
+            tl.store(stats_ptr + 3 * rows + row, 0.0)
         tl.store(index_ptr + row, -1)
         return
     label_column = tl.minimum(target, vocab).to(tl.int32)  # int32 compares; V is no column
@@ -70,25 +74,31 @@ def _vocab_stats_forward_kernel(
         x = tl.load(
             base + columns.to(tl.int64) * stride_logits_v, mask=columns < vocab, other=float("-inf")
         ).to(tl.float32)
+        previous_max = running_max
         running_max, rescale, e = online_lse_step(running_max, x)
         running_sum = running_sum * rescale + tl.sum(e, axis=0)
         if MODE == UNIFORM_KL:
-            # -inf entries (a masked vocabulary, lanes past V) lie outside the support.
+            # -inf entries (a masked vocabulary, lanes past V) lie outside the support. The sum
+            # of differences moves to the new maximum (vocab_numerics.uniform_kl_recentred),
+            # a row without a finite logit so far staying 0.
             finite = x != float("-inf")
+            total += tl.where(count > 0, count * (previous_max - running_max), 0.0)
             count += tl.sum(finite.to(tl.float32), axis=0)
-            total += tl.sum(tl.where(finite, x, 0.0), axis=0)
+            total += tl.sum(tl.where(finite, x - running_max, 0.0), axis=0)
         else:
             others = tl.where(columns == label_column, float("-inf"), x)
             tile_max, tile_column = tl.max(others, axis=0, return_indices=True)
             better = tile_max > other
             other = tl.where(better, tile_max, other)
             other_column = tl.where(better, start + tile_column, other_column)
-    tl.store(stats_ptr + row, running_max + tl.log(running_sum))
     if MODE == UNIFORM_KL:
-        tl.store(stats_ptr + rows + row, count)
-        tl.store(stats_ptr + 2 * rows + row, total)
+        tl.store(stats_ptr + row, running_max)
+        tl.store(stats_ptr + rows + row, running_sum)
+        tl.store(stats_ptr + 2 * rows + row, count)
+        tl.store(stats_ptr + 3 * rows + row, total)
         tl.store(index_ptr + row, -1)
     else:
+        tl.store(stats_ptr + row, running_max + tl.log(running_sum))
         label = tl.load(
             base + target.to(tl.int64) * stride_logits_v, mask=target < vocab, other=float("nan")
         ).to(tl.float32)
@@ -163,7 +173,9 @@ def vocab_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton counterpart of ``chunked_stats.vocab_forward``."""
     acc = accumulation_dtype(logits.dtype)
-    stats = logits.new_empty((STATS, *valid.shape), dtype=acc)
+    # ME's kernel leaves its row partials; the statistics are formed from them below.
+    rows = 4 if mode == VocabMode.UNIFORM_KL else STATS
+    stats = logits.new_empty((rows, *valid.shape), dtype=acc)
     index = logits.new_empty(valid.shape, dtype=torch.long)
     launch_rows(
         _vocab_stats_forward_kernel,
@@ -180,7 +192,8 @@ def vocab_forward(
         BLOCK_V=block_size(logits.shape[-1]),
     )
     if mode == VocabMode.UNIFORM_KL:
-        value = uniform_kl_value(*stats)
+        stats = torch.stack(uniform_kl_stats(*stats))
+        value = stats[2]
     else:
         lse = stats[0]
         stats[1] = floored_logprob(stats[1] - lse, lse)

@@ -33,7 +33,8 @@ class VocabMode(str, Enum):
 KERNEL_VOCAB_MODES = {mode: index for index, mode in enumerate(VocabMode)}
 
 #: Rows of the per-row statistics a forward of :class:`VocabMode` returns beside its values:
-#: ``UNIFORM_KL``: the log-sum-exp, the count V' of finite logits, and the sum of those logits;
+#: ``UNIFORM_KL``: the log-sum-exp, the count V' of finite logits, and KL(U || P) itself
+#: (:func:`uniform_kl_stats`);
 #: ``INVERTED_HINGE``: the log-sum-exp, log p_y and log p_a (a: the runner-up, the largest
 #: other logit; log p_a = -inf where the row has none).
 STATS = 3
@@ -49,11 +50,44 @@ JSD_STATS = 6
 JSD_FAR = 60.0
 
 
-def uniform_kl_value(lse: Tensor, count: Tensor, total: Tensor) -> Tensor:
-    """KL(U || P) from a row's log-sum-exp, its count V' of finite logits and their sum:
-    ``lse - total / V' - log V'`` (the mean log-probability is the mean logit less the
-    log-sum-exp)."""
-    return lse - total / count - torch.log(count)
+def uniform_kl_centre(largest: Tensor) -> Tensor:
+    """The centre ``m`` that ME's partials of a row, or of a part of it, are formed about: the
+    largest logit where that is finite, else 0 (no finite logit: the partials are 0; ``+inf`` or
+    NaN: they are poisoned anyway)."""
+    return torch.where(torch.isfinite(largest), largest, 0.0)
+
+
+def uniform_kl_recentred(
+    largest: Tensor, exp_sum: Tensor, count: Tensor, centred_sum: Tensor, new_largest: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""ME's partials of a part of a row, ``s = sum_v e^{z_v - m}`` and ``t = sum_v (z_v - m)``
+    over its ``c`` finite logits about its centre ``m`` (:func:`uniform_kl_centre` of its
+    ``largest`` logit), moved to the centre ``M`` of a larger ``new_largest``: ``s e^{m - M}``
+    and ``t + c (m - M)``. Parts join by moving each to the largest centre and adding ``s``,
+    ``c`` and ``t``: every term is formed at the scale of the logits' spread, never of their
+    offset (the log-sum-exp and the sum of the logits, each rounded at the offset's scale,
+    cancel in the KL). A part without a finite logit stays 0, whatever its centre."""
+    gap = uniform_kl_centre(largest) - uniform_kl_centre(new_largest)
+    gap = torch.where(count > 0, gap, 0.0)
+    return exp_sum * torch.exp(gap), centred_sum + count * gap
+
+
+def uniform_kl_value(exp_sum: Tensor, count: Tensor, centred_sum: Tensor) -> Tensor:
+    r"""KL(U || P) from a whole row's partials ``s``, ``V'``, ``t`` (:func:`uniform_kl_recentred`):
+    ``log(s / V') - t / V'``, which is ``lse - mean_v z_v - log V'`` with ``lse = m + log s``
+    and the mean finite logit ``m + t / V'`` (the mean log-probability is the mean logit less
+    the log-sum-exp). Exactly 0 on a uniform row (``s = V'``, ``t = 0``); NaN without a finite
+    logit (0 / 0) and where a logit is NaN or ``+inf``."""
+    return torch.log(exp_sum / count) - centred_sum / count
+
+
+def uniform_kl_stats(
+    largest: Tensor, exp_sum: Tensor, count: Tensor, centred_sum: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-row statistics of ``UNIFORM_KL`` (:data:`STATS`) from a whole row's partials: its
+    log-sum-exp ``m + log s`` (for the gradient), its count V' and KL(U || P)."""
+    lse = uniform_kl_centre(largest) + torch.log(exp_sum)
+    return lse, count, uniform_kl_value(exp_sum, count, centred_sum)
 
 
 def uniform_kl_coefficients(count: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:

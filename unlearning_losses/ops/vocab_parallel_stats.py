@@ -3,7 +3,8 @@
 Each rank of the group holds a contiguous slice of the columns, of any width (see
 ``vocab_parallel``). A row's statistics are joined with two ``all_reduce`` calls: a ``MAX`` of the
 local log-sum-exps, with the inverted hinge's largest other logit, and a ``SUM`` of the rescaled
-partial sums of exponentials, with ME's count and sum of finite logits and the label's logit. The
+partial sums of exponentials and the label's logit; ME's partials join the same way about the
+largest logit (``_joined_uniform_kl``). The
 inverted hinge takes its runner-up's column (the first on ties) with a ``MIN``; the JSD joins its
 shift's terms and the reference's logit at the largest logit in those two (``_joined_shift``), and
 needs one more ``SUM`` for its row sums once the shift is known. Each backward is local, from
@@ -46,7 +47,8 @@ from .vocab_numerics import (
     hinge_value,
     jsd_model_log_ratio,
     jsd_row_sum,
-    uniform_kl_value,
+    uniform_kl_recentred,
+    uniform_kl_stats,
 )
 
 
@@ -72,6 +74,18 @@ def _joined(
     )
 
 
+def _joined_uniform_kl(partials: Tensor, group: object) -> tuple[Tensor, Tensor, Tensor]:
+    """ME's per-row statistics (``vocab_numerics.uniform_kl_stats``) from each rank's partials
+    ``(4, B, L)`` (``chunked_stats.uniform_kl_partials``) in two ``all_reduce`` calls: a ``MAX``
+    of the largest logits, then a ``SUM`` of the partials moved to the row's centre."""
+    largest = partials[0].clone()
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    moved = uniform_kl_recentred(*partials, largest)
+    sums = torch.stack([moved[0], partials[2], moved[1]])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return uniform_kl_stats(largest, *sums)
+
+
 class VocabParallelStats(torch.autograd.Function):
     """ME's KL from the uniform distribution or the inverted hinge (``mode``) per row of
     ``logits[:, :L]``, the vocabulary sharded over ``vocab.group``."""
@@ -89,9 +103,11 @@ class VocabParallelStats(torch.autograd.Function):
         acc = accumulation_dtype(logits.dtype)
         local_vocab = logits.shape[-1]
         groups = row_groups(valid, local_vocab)
-        # ME: log-sum-exp, count and sum of finite logits; IHL: log-sum-exp, label logit (0 off
-        # this rank), largest other logit. A rank that holds no column adds nothing to them.
-        partials = torch.zeros((3, *valid.shape), dtype=acc, device=logits.device)
+        # ME: largest logit, and about it the sum of exponentials, count and sum of finite
+        # logits; IHL: log-sum-exp, label logit (0 off this rank), largest other logit. A rank
+        # that holds no column adds nothing to them.
+        rows = 4 if mode == VocabMode.UNIFORM_KL else 3
+        partials = torch.zeros((rows, *valid.shape), dtype=acc, device=logits.device)
         partials[0] = float("-inf")
         if mode == VocabMode.INVERTED_HINGE:
             partials[2] = float("-inf")
@@ -113,10 +129,9 @@ class VocabParallelStats(torch.autograd.Function):
         stats = torch.zeros((STATS, *valid.shape), dtype=acc, device=logits.device)
         index = torch.full(valid.shape, -1, dtype=torch.long, device=logits.device)
         if mode == VocabMode.UNIFORM_KL:
-            lse, _, sums = _joined(partials[:1], vocab.group, sums=partials[1:3])
-            assert sums is not None
-            stats[0], stats[1], stats[2] = lse[0], sums[0], sums[1]
-            value = uniform_kl_value(*stats)
+            for row, value in enumerate(_joined_uniform_kl(partials, vocab.group)):
+                stats[row] = value
+            value = stats[2]
         else:
             lse, maxima, sums = _joined(
                 partials[:1], vocab.group, maxima=partials[2:], sums=partials[1:2]
