@@ -80,8 +80,9 @@ def _joined_uniform_kl(partials: Tensor, group: object) -> tuple[Tensor, Tensor,
     of the largest logits, then a ``SUM`` of the partials moved to the row's centre."""
     largest = partials[0].clone()
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
-    moved = uniform_kl_recentred(*partials, largest)
-    sums = torch.stack([moved[0], partials[2], moved[1]])
+    top, exp_sum, count, centred_sum = partials.unbind()
+    moved = uniform_kl_recentred(top, exp_sum, count, centred_sum, largest)
+    sums = torch.stack([moved[0], count, moved[1]])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return uniform_kl_stats(largest, *sums)
 
