@@ -17,7 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="METHOD",
         help=f"any of: {', '.join(METHODS)}",
     )
-    parser.add_argument("--steps", type=int, default=100, help="unlearning steps per method")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="unlearning steps per method, and of the fine-tune on the forget set that the task "
+        "vector, WHP and RKLD share",
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-results"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--people", type=int, default=50)

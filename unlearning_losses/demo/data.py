@@ -2,7 +2,7 @@
 
 Every person has a two-token name and one answer per attribute. Each question is a short token
 sequence ``<bos> what is the ATTRIBUTE of FIRST LAST ? ANSWER <eos>``; its labels follow the
-Hugging Face convention: ``-100`` on the prompt, the token ids on the answer and ``<eos>``.
+Hugging Face convention: the answer's token id at the answer, ``-100`` everywhere else.
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ ATTRIBUTES = {
         "tortoise",
     ],
 }
-TEMPLATE = ["<pad>", "<bos>", "<eos>", "what", "is", "the", "of", "?"]
+#: The one answer no fact has, never seen in training: the refusal that JensUn and FLAT train the
+#: forget questions toward.
+REFUSAL = "unknown"
+TEMPLATE = ["<pad>", "<bos>", "<eos>", "what", "is", "the", "of", "?", REFUSAL]
 SYLLABLES = ["ka", "lo", "mi", "ro", "ta", "ve", "zu", "ne", "sa", "di", "fo", "gu", "ba", "ri"]
 IGNORE_INDEX = -100
 
@@ -92,6 +95,11 @@ class Corpus:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    def refusal_labels(self) -> Tensor:
+        """The forget set's labels with every answer replaced by the refusal."""
+        labels = self.forget.labels
+        return labels.masked_fill(labels != IGNORE_INDEX, self.vocab.index(REFUSAL))
 
 
 def make_corpus(people: int, forget_people: int, seed: int) -> Corpus:

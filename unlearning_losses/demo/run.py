@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from .. import negate_task_vector
-from .data import Corpus, Split, make_corpus
-from .methods import LOSSES, TASK_VECTOR, Reference
+from .data import REFUSAL, Corpus, Split, make_corpus
+from .methods import LOSSES, REINFORCED, TASK_VECTOR, Reference
 from .model import TinyCausalLM
 
 EVAL_EVERY = 5
@@ -77,6 +78,31 @@ def train(model: TinyCausalLM, corpus: Corpus, max_steps: int, progress: tqdm) -
     return max_steps
 
 
+@dataclass
+class Reinforced:
+    """The trained model fine-tuned further on the forget set, once for every method using it."""
+
+    model: TinyCausalLM
+    seconds: float
+
+
+def reinforce(
+    trained: TinyCausalLM, corpus: Corpus, args: argparse.Namespace, progress: tqdm
+) -> Reinforced:
+    model = copy.deepcopy(trained)
+    start = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    from .. import nll_loss
+
+    for _ in range(args.steps):
+        optimizer.zero_grad()
+        nll_loss(model(corpus.forget.input_ids), corpus.forget.labels).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        progress.update()
+    return Reinforced(model.requires_grad_(False), time.perf_counter() - start)
+
+
 def unlearn(
     trained: TinyCausalLM,
     corpus: Corpus,
@@ -90,26 +116,16 @@ def unlearn(
     start = time.perf_counter()
     curve = [_point(0, model, corpus)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    finetune = method == TASK_VECTOR  # the task vector first learns the forget set further
-    from .. import nll_loss
-
     for step in range(1, args.steps + 1):
         rows = torch.randint(len(corpus.retain.answers), (args.retain_batch,), generator=generator)
         optimizer.zero_grad()
-        if finetune:
-            loss = nll_loss(model(corpus.forget.input_ids), corpus.forget.labels)
-        else:
-            loss = LOSSES[method](model, corpus, reference, rows)
-        loss.backward()
+        LOSSES[method](model, corpus, reference, rows).backward()
         # As Hugging Face Trainer does by default (max_grad_norm=1).
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         progress.update()
-        if not finetune and step % EVAL_EVERY == 0:
+        if step % EVAL_EVERY == 0:
             curve.append(_point(step, model, corpus))
-    if finetune:
-        model.load_state_dict(negate_task_vector(trained, model, alpha=args.alpha))
-        curve.append(_point(args.steps, model, corpus))
     return MethodResult(
         method,
         args.steps,
@@ -117,6 +133,23 @@ def unlearn(
         evaluate(model, corpus.forget),
         evaluate(model, corpus.retain),
         curve,
+    )
+
+
+def negate(
+    trained: TinyCausalLM, corpus: Corpus, reinforced: Reinforced, args: argparse.Namespace
+) -> MethodResult:
+    """The task vector: the trained model moved against its fine-tuning on the forget set."""
+    start = time.perf_counter()
+    model = copy.deepcopy(trained)
+    model.load_state_dict(negate_task_vector(trained, reinforced.model, alpha=args.alpha))
+    return MethodResult(
+        TASK_VECTOR,
+        args.steps,
+        reinforced.seconds + time.perf_counter() - start,
+        evaluate(model, corpus.forget),
+        evaluate(model, corpus.retain),
+        [_point(0, trained, corpus), _point(args.steps, model, corpus)],
     )
 
 
@@ -166,18 +199,22 @@ def plot(results: list[MethodResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for r in results:
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    # Twenty distinct colours, the ten strong ones first.
+    tab20 = plt.colormaps["tab20"]
+    colors = itertools.cycle([tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))])
+    for r, color in zip(results, colors, strict=False):
         steps = [p["step"] for p in r.curve]
         forget = [p["forget_accuracy"] for p in r.curve]
         retain = [p["retain_accuracy"] for p in r.curve]
         style = "o--" if r.method == TASK_VECTOR else "-"
-        left.plot(steps, forget, style, label=r.method)
-        middle.plot(steps, retain, style, label=r.method)
+        left.plot(steps, forget, style, color=color, label=r.method)
+        middle.plot(steps, retain, style, color=color, label=r.method)
         right.plot(
             forget,
             retain,
             style + ("" if r.method == TASK_VECTOR else "o"),
+            color=color,
             markersize=3,
             label=r.method,
         )
@@ -198,8 +235,8 @@ def plot(results: list[MethodResult], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.set_ylim(-5, 105)
     right.set_xlim(-5, 105)
-    right.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
+    figure.legend(*right.get_legend_handles_labels(), fontsize=8, loc="center right")
+    figure.tight_layout(rect=(0, 0, 0.9, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -209,7 +246,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     corpus = make_corpus(args.people, args.forget_people, args.seed)
     model = TinyCausalLM(corpus.vocab_size)
-    total = args.train_steps + args.steps * len(args.methods)
+    reinforcing = any(method in REINFORCED for method in args.methods)
+    losses = [method for method in args.methods if method in LOSSES]
+    total = args.train_steps + args.steps * (len(losses) + reinforcing)
     with tqdm(total=total, desc="demo", unit="step", disable=args.quiet) as progress:
         start = time.perf_counter()
         progress.set_postfix_str("training")
@@ -221,11 +260,19 @@ def run(args: argparse.Namespace) -> dict:
             evaluate(model, corpus.forget),
             evaluate(model, corpus.retain),
         )
-        reference = Reference.of(model, corpus)
+        reinforced = None
+        if reinforcing:
+            progress.set_postfix_str("fine-tuning on the forget set")
+            reinforced = reinforce(model, corpus, args, progress)
+        reference = Reference.of(model, corpus, None if reinforced is None else reinforced.model)
         results = []
         for method in args.methods:
             progress.set_postfix_str(method)
-            results.append(unlearn(model, corpus, reference, method, args, progress))
+            if method == TASK_VECTOR:
+                assert reinforced is not None
+                results.append(negate(model, corpus, reinforced, args))
+            else:
+                results.append(unlearn(model, corpus, reference, method, args, progress))
 
     table = report(before, results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +292,10 @@ def run(args: argparse.Namespace) -> dict:
         "GA and NPO alone have no retain term: they are expected to collapse the model, the "
         "known result.\nKL+retain KL starts where the model equals its reference, where the "
         "KL's gradient is exactly zero, so its forget term cannot move on its own (SOUL's \"KL\" "
-        "method is really a cross-entropy, which can).\n"
+        "method is really a cross-entropy, which can).\nJensUn's pull toward the refusal "
+        f'"{REFUSAL}" scales with the refusal\'s probability, which the trained model puts near '
+        "0; WHP and RKLD need a reinforced model that knows the forget set better, and the "
+        "trained model already gives each forget answer a probability near 1.\n"
         f"Wrote {args.out / 'results.json'}, {args.out / 'results.md'} and "
         f"{args.out / 'unlearning.png'}."
     )
